@@ -1,0 +1,221 @@
+"""Stage configs: one dataclass per stage, loaded from YAML with command-line overrides.
+
+    python stages/01_sft.py --config configs/demo/sft.yaml --learning_rate 1e-4 --resume
+
+Precedence: dataclass defaults < YAML file < command line (TRL's `TrlParser`
+convention). Every field carries its help text in `field(metadata={"help": ...})`,
+shown by `--help`. An unknown YAML key or a value of the wrong type is a
+`ConfigError` naming the file, line and field; cross-field rules live in each
+config's `validate()` method and are checked once, after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rlhf.errors import ConfigError
+
+C = TypeVar("C")
+
+# Keys never written to the registry or logs, whatever the config calls them.
+_SECRET_WORDS = ("token", "secret", "password", "api_key")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has."""
+
+    registry: str = _help("Registry folder: registry.db plus artifacts under <registry>/<stage>/<id>/.", default="runs")
+    seed: int = _help("Random seed for data order, initialization and sampling.", default=0)
+    resume: bool = _help(
+        "Continue the last interrupted run of this stage with the same config from its last checkpoint.",
+        default=False,
+    )
+    reuse: bool = _help(
+        "Return the registered entry with the same config and inputs instead of training again "
+        "(scripts/run_pipeline.py passes it unless --force).",
+        default=False,
+    )
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses extend it and raise ConfigError."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, exclude: tuple[str, ...] = ("resume", "reuse", "registry")) -> str:
+        """A short hash of the fields that change what is trained (not how the run is driven)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def public_config(cfg: Any) -> dict[str, Any]:
+    """The config as stored in the registry: secrets left out."""
+    return {
+        k: v for k, v in dataclasses.asdict(cfg).items() if not any(w in k.lower() for w in _SECRET_WORDS)
+    }
+
+
+def check_positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `T`, `T | None`, `Optional[T]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a field type; raise ConfigError naming `where`."""
+    inner, optional = _base_type(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: got null, expected {getattr(inner, '__name__', inner)}")
+    origin = typing.get_origin(inner)
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(inner) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: got {value!r}, expected a list")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or inner is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{where}: got {value!r}, expected a mapping (JSON on the command line)") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: got {value!r}, expected a mapping")
+        return value
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: got {value!r}, expected true or false")
+    if inner is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: got {value!r}, expected an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: got {value!r}, expected an integer") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{where}: got {value!r}, expected an integer")
+        return int(as_float)
+    if inner is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: got {value!r}, expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: got {value!r}, expected a number") from None
+    if inner is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: got {value!r}, expected a string")
+        return str(value)
+    return value
+
+
+def _yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"{mark.line + 1}" if mark else "?"
+        raise ConfigError(f"{path}:{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict) or node is None or not hasattr(node, "value"):
+        raise ConfigError(f"{path}:1: expected a mapping of field: value at the top level")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    return data, lines
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Build `cls` from a YAML file and a mapping of overrides (both optional), then validate it."""
+    fields = _fields(cls)
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        data, lines = _yaml_with_lines(path)
+        for key, value in data.items():
+            where = f"{path}:{lines.get(key, '?')}: field '{key}'"
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                raise ConfigError(f"{path}:{lines.get(key, '?')}: unknown field '{key}' for {cls.__name__} (known: {known})")
+            values[key] = _coerce(value, fields[key].type, where)
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise ConfigError(f"unknown option --{key} for {cls.__name__}")
+        values[key] = _coerce(value, fields[key].type, f"--{key}")
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
+    """`--config FILE` plus `--field value` for every field of `cls` (see module docstring)."""
+    parser = argparse.ArgumentParser(
+        description=description or (cls.__doc__ or "").strip().splitlines()[0],
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML file of field: value pairs; command-line options override it.")
+    fields = _fields(cls)
+    for name, f in fields.items():
+        inner, _ = _base_type(f.type)
+        help_text = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING:
+            help_text += f" (default: {f.default})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        if inner is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        parser.add_argument(f"--{name}", **kwargs)
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    path = args.pop("config", None)
+    return load_config(cls, path, args)

@@ -1,0 +1,188 @@
+"""Model references and loading, shared by every stage.
+
+A model reference is `stage:latest` / `stage:<id>` (the registry), a local folder
+in Hugging Face format, or a hub id. `resolve_model` turns it into a local
+folder or a hub id and fails fast, with a message, when a hub id cannot be
+reached (offline machines otherwise hang in retries).
+
+`load_tokenizer` guarantees what every stage relies on: a dedicated pad token
+(never EOS: masking pads must never mask a real end of turn), an EOS that ends
+assistant turns, and a chat template. Hub models without a chat template get
+the demo's (`rlhf.chat_format`), with its special tokens added; the caller then
+resizes the model's embeddings (`fit_embeddings`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhf.errors import RegistryError, UserError
+from rlhf.registry import STAGES, Entry, Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where to load a model from. `entry` is set for registry references, `hub_id` for hub models."""
+
+    ref: str
+    path: str
+    entry: Entry | None = None
+    hub_id: str | None = None
+
+    @property
+    def parents(self) -> list[str]:
+        return [self.entry.ref] if self.entry else []
+
+
+def is_registry_ref(ref: str) -> bool:
+    return ":" in ref and ref.split(":", 1)[0] in STAGES
+
+
+def resolve_model(ref: str, registry: Registry, stages: tuple[str, ...] = STAGES) -> ResolvedModel:
+    """Resolve a model reference (see module docstring); `stages` are the registry stages accepted."""
+    if is_registry_ref(ref):
+        entry = registry.get(ref, stage=stages)
+        return ResolvedModel(ref=ref, path=str(entry.path), entry=entry)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{ref}: folder has no config.json; expected a model saved with save_pretrained")
+        return ResolvedModel(ref=ref, path=str(path.resolve()))
+    if ref.startswith((".", "/", "~")) or os.sep in ref.rstrip("/").replace("/", "", 1) or not _HUB_ID.match(ref):
+        raise UserError(f"{ref}: no such folder, and not a registry reference (stage:latest, stage:<id>) or hub id")
+    return ResolvedModel(ref=ref, path=ref, hub_id=_check_hub_model(ref))
+
+
+def _check_hub_model(repo_id: str, timeout: float = 10.0) -> str:
+    """Return `repo_id` when it is in the local cache or reachable on the hub; else fail fast."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return repo_id
+    hint = "download it first (scripts/fetch_assets.py) or pass a local folder"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise RegistryError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    from huggingface_hub import model_info
+
+    try:
+        model_info(repo_id, timeout=timeout)
+    except Exception as exc:  # network errors come in many types; all mean the same here
+        reason = type(exc).__name__
+        raise RegistryError(f"{repo_id}: cannot reach it on the Hugging Face hub ({reason}); {hint}") from None
+    return repo_id
+
+
+def device() -> "torch.device":
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype() -> "torch.dtype":
+    """bf16 on a GPU that supports it, fp32 on the CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
+    """Load a tokenizer and give it a dedicated pad token and a chat template when it lacks them."""
+    from transformers import AutoTokenizer
+
+    from rlhf import chat_format
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    if tok.chat_template is None:
+        tok.add_special_tokens(
+            {"eos_token": chat_format.EOS, "additional_special_tokens": list(chat_format.ROLE_TOKENS.values())}
+        )
+        tok.chat_template = chat_format.CHAT_TEMPLATE
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": chat_format.PAD})
+    return tok
+
+
+def fit_embeddings(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:
+    """Grow the embeddings to the tokenizer and record pad/eos ids on the model config."""
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def quantization_config(load_in_4bit: bool) -> Any:
+    """NF4 with double quantization; compute dtype bf16 on GPU, fp32 on CPU."""
+    if not load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(),
+    )
+
+
+def load_model(
+    path: str,
+    kind: str = "causal_lm",
+    *,
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> "PreTrainedModel":
+    """Load a causal LM (`kind="causal_lm"`) or a scalar-score classifier (`kind="score"`).
+
+    4-bit loading places the model on the GPU when there is one (bitsandbytes
+    quantizes on load); full precision loads in fp32 on CPU / bf16 on GPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    if kind == "score":
+        kwargs.setdefault("num_labels", 1)
+    quant = quantization_config(load_in_4bit)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs.setdefault("device_map", {"": device().index or 0} if device().type == "cuda" else {"": "cpu"})
+    try:
+        return cls.from_pretrained(path, dtype=compute_dtype(), trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+
+
+def check_vocab(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", where: str) -> None:
+    """Refuse a tokenizer whose ids the model cannot embed (a tokenizer/model mismatch)."""
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embed:
+        raise UserError(
+            f"{where}: tokenizer has {len(tokenizer)} tokens but the model embeds only {n_embed}; "
+            "tokenizer and model do not belong together"
+        )
+
+
+def memory_footprint_mb(model: Any) -> float:
+    """Bytes held by parameters and buffers (4-bit weights counted at their packed size), in MiB."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    return total / 2**20

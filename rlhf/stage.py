@@ -1,0 +1,108 @@
+"""What every stage script does before and after its own work: open the registry,
+pick the run's work folder (for --resume), reuse an identical entry when asked,
+and register the result.
+
+A run's *key* hashes the config fields that change the result together with its
+inputs (data fingerprints, parent entries): the same key means the same run.
+`--resume` continues from the work folder of the same key; `--reuse` (what
+`scripts/run_pipeline.py` passes unless `--force`) returns an entry registered
+under the same key instead of training again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import public_config
+from rlhf.errors import UserError
+from rlhf.registry import Entry, Registry
+
+MIN_FREE_MB = 256
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageRun:
+    stage: str
+    registry: Registry
+    key: str
+    work_dir: Path
+    reused: Entry | None = None
+
+    def last_checkpoint(self) -> str | None:
+        """The newest `checkpoint-N` folder in the work folder, or None."""
+        ckpts = [p for p in self.work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        if not ckpts:
+            return None
+        return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def begin(stage: str, cfg: Any, inputs: dict[str, str]) -> StageRun:
+    """Open the registry and prepare the work folder; see the module docstring."""
+    import transformers
+
+    transformers.set_seed(cfg.seed)
+    registry = Registry(cfg.registry)
+    free_mb = shutil.disk_usage(registry.root).free / 2**20
+    if free_mb < MIN_FREE_MB:
+        raise UserError(f"only {free_mb:.0f} MiB free under {registry.root}; a stage needs at least {MIN_FREE_MB} MiB")
+    if is_main_process():
+        registry.cleanup()
+    payload = json.dumps({"config": cfg.fingerprint(), "inputs": inputs}, sort_keys=True)
+    key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    run = StageRun(stage=stage, registry=registry, key=key, work_dir=registry.root / ".work" / f"{stage}-{key}")
+    if getattr(cfg, "reuse", False) and not cfg.resume:
+        run.reused = registry.find(stage, key)
+        if run.reused is not None:
+            log(f"[{stage}] reusing {run.reused.ref}: same config and inputs (pass --force to the pipeline to redo)")
+            return run
+    if is_main_process():
+        if not cfg.resume and run.work_dir.exists():
+            shutil.rmtree(run.work_dir)
+        run.work_dir.mkdir(parents=True, exist_ok=True)
+    # Trainer-based stages write TensorBoard events here; `finish` copies them into the entry.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.work_dir / "tensorboard")
+    if cfg.resume:
+        ckpt = run.last_checkpoint()
+        log(f"[{stage}] resuming from {ckpt}" if ckpt else f"[{stage}] --resume: no checkpoint yet, starting fresh")
+    return run
+
+
+def finish(
+    run: StageRun,
+    staged: Path,
+    cfg: Any,
+    *,
+    parents: list[str],
+    metrics: dict[str, Any],
+    data_fingerprints: dict[str, str],
+    extra_config: dict[str, Any] | None = None,
+) -> Entry:
+    """Register the staged folder and drop the run's work folder."""
+    tb = run.work_dir / "tensorboard"
+    if tb.is_dir():
+        shutil.copytree(tb, staged / "tensorboard", dirs_exist_ok=True)
+    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    config = {**public_config(cfg), **(extra_config or {}), "_fingerprint": run.key}
+    entry = run.registry.register(
+        run.stage, staged, parents=parents, config=config, metrics=metrics, data_fingerprints=data_fingerprints
+    )
+    shutil.rmtree(run.work_dir, ignore_errors=True)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+    log(f"[{run.stage}] registered {entry.ref} at {entry.path}\n[{run.stage}] {shown}")
+    return entry

@@ -1,0 +1,103 @@
+"""Run the whole pipeline: demo data, then stages 00 -> 04, each through its own command line.
+
+    python scripts/run_pipeline.py --config configs/demo/pipeline.yaml [--force] [--only sft,reward]
+
+Each stage runs as `python stages/0N_*.py --config <its yaml> --registry R --seed S --reuse`,
+so a stage whose config and inputs are unchanged returns its registered entry instead of
+training again; `--force` drops `--reuse`. Stages whose script or config is not there are
+skipped with a note. A failing stage stops the pipeline with its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rlhf.errors import ConfigError, run_cli  # noqa: E402
+
+STAGE_SCRIPTS = {
+    "pretrain": "stages/00_pretrain.py",
+    "sft": "stages/01_sft.py",
+    "reward": "stages/02_reward.py",
+    "ppo": "stages/03_ppo.py",
+    "compare": "stages/04_compare.py",
+}
+
+
+def load_pipeline(path: Path) -> dict:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: pipeline config not found") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'stages' mapping of stage: config file")
+    unknown = set(cfg["stages"]) - set(STAGE_SCRIPTS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown stage(s) {sorted(unknown)}; known: {', '.join(STAGE_SCRIPTS)}")
+    return cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo/pipeline.yaml")
+    parser.add_argument("--force", action="store_true", help="retrain every stage even when an identical entry exists")
+    parser.add_argument("--only", help="comma-separated stages to run (default: all in the config)")
+    parser.add_argument("--registry", help="override the registry folder of the config")
+    args = parser.parse_args()
+
+    cfg = load_pipeline(Path(args.config))
+    registry = args.registry or cfg.get("registry", "runs")
+    seed = str(cfg.get("seed", 0))
+    only = set(args.only.split(",")) if args.only else None
+    started = time.time()
+    timings: dict[str, float] = {}
+
+    data = cfg.get("data")
+    if data and (only is None or "data" in only):
+        t0 = time.time()
+        cmd = [sys.executable, "scripts/make_demo_data.py", "--out", str(data.get("out", "data/demo")), "--seed", seed]
+        print(f"\n=== data: {' '.join(cmd[1:])}", flush=True)
+        rc = subprocess.call(cmd, cwd=ROOT)
+        if rc:
+            raise SystemExit(rc)
+        timings["data"] = time.time() - t0
+
+    for stage, stage_cfg in cfg["stages"].items():
+        if only is not None and stage not in only:
+            continue
+        script = ROOT / STAGE_SCRIPTS[stage]
+        if not script.exists() or not (ROOT / stage_cfg).exists():
+            print(f"\n=== {stage}: skipped ({script.name if not script.exists() else stage_cfg} not present yet)")
+            continue
+        cmd = [sys.executable, str(script), "--config", stage_cfg, "--registry", registry, "--seed", seed]
+        if not args.force:
+            cmd.append("--reuse")
+        print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd, cwd=ROOT)
+        timings[stage] = time.time() - t0
+        if rc:
+            print(f"pipeline stopped: stage {stage} exited with {rc}", file=sys.stderr)
+            raise SystemExit(rc)
+
+    total = time.time() - started
+    print("\n=== done in {:.0f}s ({})".format(total, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())))
+    print(f"registry: {registry}  (python scripts/registry.py list --registry {registry})")
+    report = Path(registry) / "report" / "report.md"
+    if report.exists():
+        print(f"report: {report}\n")
+        text = report.read_text()
+        table = text.split("\n\n")[1] if "\n\n" in text else text
+        print(table)
+
+
+if __name__ == "__main__":
+    run_cli(main)
