@@ -68,7 +68,25 @@ def load_schema(schema: str) -> dict[str, Any]:
 def _validator(schema: str) -> Any:
     import jsonschema
 
-    return jsonschema.Draft202012Validator(load_schema(schema))
+    # Same schema with local $refs inlined: jsonschema resolves a $ref on every use,
+    # a third of the time spent on a typical record.
+    document = load_schema(schema)
+    return jsonschema.Draft202012Validator(_inline_refs(document, document.get("$defs", {})))
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """`node` with every `{"$ref": "#/$defs/x", ...}` replaced by `x` merged with its sibling keywords."""
+    if isinstance(node, list):
+        return [_inline_refs(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _inline_refs(value, defs) for key, value in node.items() if key != "$defs"}
+    ref = node.pop("$ref", None)
+    if ref is None:
+        return node
+    target = _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+    assert ref.startswith("#/$defs/") and not set(target) & set(node), f"cannot inline {ref}"
+    return {**target, **node}
 
 
 def validate_record(record: Any, schema: str) -> list[str]:
@@ -381,7 +399,7 @@ def _iter_jsonl(path: Path, label: str, schema: str, max_line_bytes: int) -> Ite
             if not raw.strip():
                 continue
             seen = True
-            yield _parse_line(raw, where)
+            yield _parse_line(raw.rstrip(b"\r\n"), where)
     if not seen:
         yield _empty(label, f"one JSON object per line ({schema} schema, see data_schemas/{schema}.schema.json)")
 

@@ -186,3 +186,38 @@ def memory_footprint_mb(model: Any) -> float:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for b in model.buffers())
     return total / 2**20
+
+
+def context_length(model: Any, wanted: int) -> int:
+    """`wanted`, capped at the model's maximum number of positions when it has one."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return min(wanted, limit) if limit else wanted
+
+
+def set_cpu_4bit_packing(model: Any, enabled: bool) -> int:
+    """Allow or forbid bitsandbytes' CPU inference layout for 4-bit weights; return the layers touched.
+
+    On CPUs with AVX512-BF16, a `Linear4bit` in eval mode repacks its weight for a
+    faster inference kernel and keeps that layout; a backward pass through the
+    packed layout then fails (bitsandbytes 0.50: "a view of a leaf Variable ... in
+    an in-place operation"). Training code that evaluates first forbids packing
+    (and unpacks weights packed so far) before it trains.
+    """
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if not hasattr(module, "_rlhf_packing_supported"):
+                module._rlhf_packing_supported = module.support_avx512bf16_for_cpu
+            module.support_avx512bf16_for_cpu = enabled and module._rlhf_packing_supported
+            state = getattr(module.weight, "quant_state", None)
+            if not enabled and state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state
+                )
+            n += 1
+    return n

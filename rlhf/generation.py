@@ -1,0 +1,83 @@
+"""Batched generation from chat prompts, shared by evaluation, comparison and chat.
+
+Prompts are rendered with the tokenizer's chat template and a generation prompt,
+left-padded (so every row's last prompt token sits at the same position and the
+KV cache stays aligned), and decoded up to EOS.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+def encode_prompts(tokenizer: Any, prompts: list[list[dict]], max_prompt_length: int | None = None) -> "torch.Tensor":
+    """Token ids of each rendered prompt, keeping the last `max_prompt_length` tokens (the newest turns)."""
+    out = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        ids = list(ids["input_ids"])
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            ids = ids[-max_prompt_length:]
+        out.append(ids)
+    return out
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(input_ids, attention_mask), both (B, T), padded on the left."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict]],
+    *,
+    max_new_tokens: int = 48,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    max_prompt_length: int | None = None,
+    seed: int | None = None,
+) -> tuple[list[str], list[bool]]:
+    """Replies (decoded, special tokens dropped) and whether each ended with EOS."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
+    texts: list[str] = []
+    ended: list[bool] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            ids, mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id)
+            kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+            out = model.generate(
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, **kwargs,
+            )
+            for row in out[:, ids.shape[1]:].tolist():
+                has_eos = tokenizer.eos_token_id in row
+                if has_eos:
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                ended.append(has_eos)
+    model.train(was_training)
+    return texts, ended

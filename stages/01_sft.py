@@ -1,0 +1,181 @@
+"""Stage 01: supervised fine-tuning on dialogues, loss on assistant tokens only.
+
+    python stages/01_sft.py --config configs/demo/sft.yaml
+    python stages/01_sft.py --model Qwen/Qwen2.5-0.5B --data HuggingFaceH4/ultrachat_200k --data_split train_sft --mode qlora
+
+TRL's `SFTTrainer` does the training as it ships (`assistant_only_loss=True`: user
+and system tokens carry label -100). Modes: `full` fine-tuning, `lora` (peft) and
+`qlora` (LoRA on a 4-bit NF4 base). With LoRA the registered artifact is the
+merged full-precision model, so later stages can load it as a base, quantized or
+not; the adapter is kept in `adapter/`.
+
+Evaluation on held-out dialogues: `eval_loss` / `eval_perplexity` after training,
+`base_eval_perplexity` of the starting model on the same data (did SFT help?),
+and BLEU / ROUGE-L of greedy replies against the held-out last assistant turns.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
+from rlhf.errors import ConfigError, run_cli  # noqa: E402
+
+MODES = ("full", "lora", "qlora")
+
+
+@dataclass
+class SFTStageConfig(StageConfig):
+    """Stage 01: supervised fine-tuning of a causal LM on `dialogue` data."""
+
+    model: str = _help("Starting model: registry ref (pretrain:latest), local folder or hub id.", default="pretrain:latest")
+    data: str = _help("Training dialogues: .jsonl/.json/.parquet file or hub dataset id.", default="data/demo/sft_train.jsonl")
+    data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
+    eval_data: str = _help("Held-out dialogues (file or hub id) for eval loss, perplexity, BLEU, ROUGE-L.", default="data/demo/sft_heldout.jsonl")
+    eval_split: str = _help("Split to read when `eval_data` is a hub dataset.", default="test")
+    mode: str = _help("full | lora | qlora (LoRA on a 4-bit NF4 base).", default="full")
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = _help("LoRA dropout.", default=0.05)
+    lora_target_modules: str = _help("Modules LoRA wraps: 'all-linear' or a comma-separated list.", default="all-linear")
+    max_length: int = _help("Truncate tokenized dialogues to this many tokens.", default=256)
+    num_train_epochs: float = _help("Passes over the data (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (-1: use num_train_epochs).", default=-1)
+    per_device_train_batch_size: int = _help("Dialogues per device per micro-batch.", default=16)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate (cosine schedule).", default=2e-5)
+    warmup_ratio: float = _help("Share of steps spent warming up.", default=0.03)
+    logging_steps: int = _help("Log every N steps (progress bar, TensorBoard).", default=10)
+    save_steps: int = _help("Write a resumable checkpoint every N steps.", default=100)
+    gen_eval_samples: int = _help("Held-out dialogues used for BLEU/ROUGE-L (0: skip).", default=64)
+    max_new_tokens: int = _help("Reply length for the BLEU/ROUGE-L evaluation.", default=48)
+    trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                       "max_length", "lora_r", "logging_steps", "save_steps")
+
+
+def lora_config(cfg: SFTStageConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type=task_type,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+    )
+
+
+def generation_metrics(model, tokenizer, dialogues: list[dict], cfg: SFTStageConfig) -> dict[str, float]:
+    """BLEU and ROUGE-L of greedy replies to held-out dialogues against their last assistant turn."""
+    from rlhf.generation import generate_replies
+    from rlhf.text_metrics import bleu, rouge_l
+
+    sample = dialogues[: cfg.gen_eval_samples]
+    prompts = [d["messages"][:-1] for d in sample]
+    refs = [d["messages"][-1]["content"] for d in sample]
+    replies, _ = generate_replies(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                  max_prompt_length=cfg.max_length - cfg.max_new_tokens)
+    return {"bleu": bleu(replies, refs), "rouge_l": rouge_l(replies, refs)}
+
+
+def merge_lora(base_path: str, adapter_dir: Path, tokenizer, trust_remote_code: bool):
+    """The base in full precision with the adapter merged in (a plain model later stages load as a base)."""
+    from peft import PeftModel
+
+    from rlhf.models import fit_embeddings, load_model
+
+    base = load_model(base_path, trust_remote_code=trust_remote_code)
+    fit_embeddings(base, tokenizer)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def main(cfg: SFTStageConfig) -> None:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf.data import fingerprint, load_records
+    from rlhf.models import (check_vocab, context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
+                             set_cpu_4bit_packing)
+    from rlhf.registry import Registry
+    from rlhf.stage import begin, finish, log
+
+    # 1. Inputs: the starting model and validated dialogues.
+    base = resolve_model(cfg.model, Registry(cfg.registry), stages=("pretrain", "sft"))
+    train_records = load_records(cfg.data, "dialogue", split=cfg.data_split)
+    eval_records = load_records(cfg.eval_data, "dialogue", split=cfg.eval_split)
+    data_fps = {"data": fingerprint(cfg.data, cfg.data_split), "eval_data": fingerprint(cfg.eval_data, cfg.eval_split)}
+    run = begin("sft", cfg, {**data_fps, "model": base.entry.ref if base.entry else cfg.model})
+    if run.reused:
+        return
+
+    # 2. Model: full precision, or 4-bit NF4 for QLoRA; LoRA adapters for lora/qlora.
+    tokenizer = load_tokenizer(base.path, cfg.trust_remote_code)
+    model = load_model(base.path, load_in_4bit=cfg.mode == "qlora", trust_remote_code=cfg.trust_remote_code)
+    fit_embeddings(model, tokenizer)
+    check_vocab(model, tokenizer, cfg.model)
+    set_cpu_4bit_packing(model, enabled=False)  # we evaluate, then train: see its docstring
+    peft_config = lora_config(cfg) if cfg.mode in ("lora", "qlora") else None
+    cfg.max_length = context_length(model, cfg.max_length)
+
+    # 3. Trainer: TRL's SFTTrainer as it ships, assistant tokens only.
+    keep = ["messages"]
+    train_ds = Dataset.from_list([{k: r[k] for k in keep} for r in train_records])
+    eval_ds = Dataset.from_list([{k: r[k] for k in keep} for r in eval_records])
+    args = SFTConfig(
+        output_dir=str(run.work_dir), assistant_only_loss=True, max_length=cfg.max_length,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config)
+
+    # 4. Evaluate the starting model (a fresh LoRA adapter is a no-op), train, evaluate again.
+    base_eval_loss = trainer.evaluate()["eval_loss"]
+    log(f"[sft] {len(train_ds)} train / {len(eval_ds)} held-out dialogues; base eval_loss {base_eval_loss:.4f}")
+    train_out = trainer.train(resume_from_checkpoint=run.last_checkpoint() if cfg.resume else None)
+    eval_loss = trainer.evaluate()["eval_loss"]
+    if not trainer.is_world_process_zero():
+        return
+
+    # 5. Save: full model, or adapter + merged full-precision model.
+    staged = run.registry.staging_dir("sft")
+    if peft_config is None:
+        final_model = trainer.model
+    else:
+        trainer.model.save_pretrained(staged / "adapter")
+        final_model = merge_lora(base.path, staged / "adapter", tokenizer, cfg.trust_remote_code)
+    final_model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+
+    metrics = {
+        "train_loss": train_out.training_loss,
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+        "base_eval_loss": base_eval_loss,
+        "base_eval_perplexity": math.exp(min(base_eval_loss, 50.0)),
+        "steps": train_out.global_step,
+    }
+    if cfg.gen_eval_samples > 0:
+        metrics.update(generation_metrics(final_model, tokenizer, eval_records, cfg))
+
+    # 6. Register with the starting model as parent (or its hub id in the config).
+    finish(run, staged, cfg, parents=base.parents, metrics=metrics, data_fingerprints=data_fps,
+           extra_config={"base_model": base.entry.ref if base.entry else cfg.model, "load_in_4bit": cfg.mode == "qlora"})
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_config(SFTStageConfig)))
