@@ -586,8 +586,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _FILE_SUFFIXES = {*LOCAL_SUFFIXES, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip"}
 
 
-def is_local(source: str) -> bool:
+def is_local(source: str | os.PathLike[str]) -> bool:
     """Whether `source` names a local file rather than a hub dataset id (`name` or `owner/name`)."""
+    source = os.fspath(source)
     if Path(source).expanduser().exists() or not _HUB_ID.fullmatch(source):
         return True
     return Path(source).suffix.lower() in _FILE_SUFFIXES
@@ -684,7 +685,7 @@ def validate_file(
 
 
 def load_records(
-    source: str,
+    source: str | os.PathLike[str],
     schema: str,
     *,
     split: str = "train",
@@ -696,6 +697,7 @@ def load_records(
     Raises DataError when the source is missing or unreachable, or when any record
     is invalid; its message is `N problems in SOURCE` followed by the problem lines.
     """
+    source = os.fspath(source)
     if is_local(source):
         if not Path(source).expanduser().exists():
             raise DataError(
@@ -713,8 +715,9 @@ def load_records(
     return records
 
 
-def fingerprint(source: str, split: str = "train") -> str:
+def fingerprint(source: str | os.PathLike[str], split: str = "train") -> str:
     """sha256 (hex) of a local file's bytes, streamed; `hub:<id>@<split>` for a hub dataset."""
+    source = os.fspath(source)
     if not is_local(source):
         return f"hub:{source}@{split}"
     path = Path(source).expanduser()

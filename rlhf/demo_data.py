@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from rlhf.chat_format import render_messages
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 
 Message = dict[str, str]
 
@@ -485,7 +485,7 @@ def build_demo_data(
     }
     for name, value in fractions.items():
         if not 0.0 <= value < 1.0:
-            raise DataError(f"{name} must be in [0, 1), got {value}")
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
     rng = random.Random(seed)
     train_convs, heldout_convs = split_conversations(load_conversations(corpus_dir()), heldout_fraction, rng)
     stems = list(ADVERSARIAL_STEMS)

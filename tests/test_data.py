@@ -403,6 +403,7 @@ def test_load_records_returns_every_valid_record_after_the_adapter(tmp_path):
     """A valid file loads completely; the adapter's output is what is returned."""
     path = write_jsonl(tmp_path / "hh.jsonl", [HH_SINGLE, HH_MULTI])
     records = load_records(str(path), "preference", adapter="hh-rlhf")
+    assert load_records(path, "preference", adapter="hh-rlhf") == records  # a Path works as well
     assert [r["chosen"] for r in records] == [[assistant("4.")], [assistant("Roses are red,\nviolets are blue.")]]
 
 
@@ -495,6 +496,7 @@ def test_fingerprint_is_sha256_of_file_bytes_or_hub_id(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_bytes(b'{"text": "a"}\n')
     assert fingerprint(str(path)) == hashlib.sha256(b'{"text": "a"}\n').hexdigest()
+    assert fingerprint(path) == fingerprint(str(path))  # a Path works as well as a str
     assert fingerprint("Anthropic/hh-rlhf", split="test") == "hub:Anthropic/hh-rlhf@test"
     with pytest.raises(DataError):
         fingerprint(str(tmp_path / "missing.jsonl"))

@@ -63,7 +63,8 @@ def replies(out: Path, name: str) -> list[str]:
 
 
 def user_turns(out: Path, names: tuple[str, ...]) -> set[str]:
-    return {normalize(m["content"]) for n in names for conv in conversations(out, n) for m in conv if m["role"] == "user"}
+    turns = (m for n in names for conv in conversations(out, n) for m in conv)
+    return {normalize(m["content"]) for m in turns if m["role"] == "user"}
 
 
 def test_same_seed_gives_same_bytes_in_another_process(built, tmp_path):
@@ -114,7 +115,10 @@ def test_preference_chosen_differs_from_rejected_and_chosen_is_polite(built):
 
 
 def test_heldout_user_turns_never_appear_in_train_files(built):
-    """Held-out metrics measure unseen text: no held-out user turn (corpus or adversarial) is in any train file, pretraining included."""
+    """Held-out metrics measure unseen text: no held-out user turn (corpus or adversarial) is in a train file.
+
+    Pretraining included: the base model has not seen the held-out conversations either.
+    """
     out, _ = built
     heldout = user_turns(out, HELDOUT_FILES)
     assert len(heldout) > 100
@@ -122,7 +126,7 @@ def test_heldout_user_turns_never_appear_in_train_files(built):
 
 
 def test_heldout_prompts_hold_unseen_adversarial_prompts(built):
-    """The final comparison has something to show: ~35% of held-out prompts are adversarial, from stems never trained on."""
+    """The comparison has something to show: ~35% of held-out prompts are adversarial, from stems never trained on."""
     out, _ = built
     prompts = read(out, "prompts_heldout")
     adversarial = [p["messages"][-1]["content"] for p in prompts if p["category"] == "adversarial"]
