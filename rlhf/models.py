@@ -221,3 +221,32 @@ def set_cpu_4bit_packing(model: Any, enabled: bool) -> int:
                 )
             n += 1
     return n
+
+
+def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
+                    trust_remote_code: bool = False) -> tuple[Any, Any, ResolvedModel]:
+    """(model, tokenizer, resolved) for generating with any reference, on the default device.
+
+    A `ppo` entry is its SFT base (recorded in the entry's config) with the trained
+    `policy` adapter merged in; `pretrain` / `sft` entries, folders and hub ids load as they are.
+    """
+    resolved = resolve_model(ref, registry)
+    if resolved.entry is not None and resolved.entry.stage == "ppo":
+        from peft import PeftModel
+
+        base = resolve_model(resolved.entry.config["sft_model"], registry, stages=("sft", "pretrain"))
+        tokenizer = load_tokenizer(str(resolved.entry.path), trust_remote_code)
+        model = load_model(base.path, trust_remote_code=trust_remote_code)
+        fit_embeddings(model, tokenizer)
+        model = PeftModel.from_pretrained(model, str(resolved.entry.path / "policy")).merge_and_unload()
+    else:
+        if resolved.entry is not None and resolved.entry.stage == "reward":
+            raise RegistryError(f"{ref}: is a 'reward' entry; a chat model is a pretrain, sft or ppo entry")
+        tokenizer = load_tokenizer(resolved.path, trust_remote_code)
+        model = load_model(resolved.path, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+        fit_embeddings(model, tokenizer)
+    check_vocab(model, tokenizer, ref)
+    if not load_in_4bit:
+        model.to(device())
+    model.eval()
+    return model, tokenizer, resolved

@@ -1,0 +1,206 @@
+"""PPO's four roles on one base model: policy, reference, value and reward.
+
+The SFT model is loaded once (4-bit NF4 by default) and wrapped by peft with
+named LoRA adapters:
+
+    policy     adapter "policy" (trainable)                 -> logits
+    reference  the same base with every adapter disabled     -> logits
+    value      adapter "value" (trainable) + `value_head`    -> V(s_t), one per position
+    reward     adapter "reward" (frozen) + `reward_head`     -> score at the last real token
+
+The value adapter and head start from the reward model's (as DeepSpeed-Chat and
+OpenRLHF initialize the critic from the RM) when the reward entry is an adapter
+trained on this same base; otherwise the value adapter is fresh, its head zero,
+and the reward model is loaded on its own (`SeparateRewardModel`). One copy of
+the base weights serves all four roles, which is where the memory goes.
+
+Every forward takes left-padded prompt + right-padded response ids with their
+attention mask and passes explicit position ids (cumsum of the mask), matching
+what `generate` used for the same rows.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """(B, T) positions counting real tokens only, as `generate` does for left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """(B,) index of each row's last real token (rows are left-padded then right-padded)."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def load_head(path: Path, hidden: int, device: torch.device) -> nn.Linear:
+    """A scalar head from `score_head.safetensors` (`weight` (1, H), optional `bias` (1,))."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    head = nn.Linear(hidden, 1, bias="bias" in tensors)
+    with torch.no_grad():
+        head.weight.copy_(tensors["weight"].reshape(1, hidden).float())
+        if "bias" in tensors:
+            head.bias.copy_(tensors["bias"].reshape(1).float())
+    return head.to(device)
+
+
+@dataclass
+class SeparateRewardModel:
+    """A reward model on another base: scores decoded conversations with its own tokenizer."""
+
+    model: Any
+    tokenizer: Any
+    max_length: int
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> Tensor:
+        from rlhf.generation import left_pad
+
+        rows = []
+        for messages, text in zip(prompts, responses):
+            conv = [*messages, {"role": "assistant", "content": text}]
+            ids = self.tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+            rows.append(list(ids)[-self.max_length:])
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
+        dev = next(self.model.parameters()).device
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev))
+        return out.logits[:, -1, 0].float()  # left-padded: the last column is every row's last real token
+
+
+class ActorCritic(nn.Module):
+    """The peft-wrapped base plus the value head (trainable) and reward head (frozen)."""
+
+    def __init__(self, model: Any, value_head: nn.Linear, reward_head: nn.Linear | None,
+                 separate_reward: SeparateRewardModel | None = None):
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+        self.reward_head = reward_head
+        self.separate_reward = separate_reward
+        if reward_head is not None:
+            reward_head.requires_grad_(False)
+
+    # -------------------------------------------------------------- parameters
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Policy and value adapters and the value head: everything the optimizer updates."""
+        out = [(n, p) for n, p in self.model.named_parameters() if ".policy." in n or ".value." in n]
+        out += [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+        for _, p in out:
+            p.requires_grad_(True)
+        return out
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.trainable_named_parameters()}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.trainable_named_parameters())
+        missing = set(params) - set(state)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    # -------------------------------------------------------------- roles
+
+    @contextmanager
+    def role(self, adapter: str | None) -> Iterator[None]:
+        """Run the base with one adapter active, or none (`adapter=None`: the reference)."""
+        if adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(adapter)
+            yield
+
+    def _forward(self, ids: Tensor, mask: Tensor, hidden: bool) -> Any:
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                          output_hidden_states=hidden, use_cache=False)
+
+    def policy_logits(self, ids: Tensor, mask: Tensor) -> Tensor:
+        with self.role("policy"):
+            return self._forward(ids, mask, hidden=False).logits  # (B, T, V)
+
+    def ref_logits(self, ids: Tensor, mask: Tensor) -> Tensor:
+        with self.role(None):
+            return self._forward(ids, mask, hidden=False).logits  # (B, T, V)
+
+    def values(self, ids: Tensor, mask: Tensor) -> Tensor:
+        with self.role("value"):
+            h = self._forward(ids, mask, hidden=True).hidden_states[-1]  # (B, T, H)
+        return self.value_head(h.float()).squeeze(-1)  # (B, T)
+
+    @torch.no_grad()
+    def reward_scores(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """(B,) raw RM score read at each row's last real token (never a pad)."""
+        with self.role("reward"):
+            h = self._forward(ids, mask, hidden=True).hidden_states[-1]  # (B, T, H)
+        last = last_token_index(mask)  # (B,)
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
+        return self.reward_head(h_last.float()).squeeze(-1)  # (B,)
+
+    def generate(self, **kwargs: Any) -> Tensor:
+        with self.role("policy"):
+            return self.model.generate(**kwargs)
+
+
+def build_actor_critic(
+    sft_path: str,
+    tokenizer: Any,
+    *,
+    load_in_4bit: bool,
+    lora_r: int,
+    lora_alpha: int,
+    lora_target_modules: str,
+    reward_adapter: Path | None,
+    reward_head: Path | None,
+    separate_reward: SeparateRewardModel | None,
+    device: torch.device,
+    trust_remote_code: bool = False,
+) -> ActorCritic:
+    """Load the base once and attach the adapters (see module docstring)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from rlhf.models import fit_embeddings, load_model, set_cpu_4bit_packing
+
+    base = load_model(sft_path, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    fit_embeddings(base, tokenizer)
+    if not load_in_4bit:
+        base.to(device)
+    base.requires_grad_(False)
+    targets = lora_target_modules if lora_target_modules == "all-linear" else [
+        t.strip() for t in lora_target_modules.split(",")]
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora, adapter_name="policy")
+    hidden = base.get_input_embeddings().weight.shape[1]
+    if reward_adapter is not None:
+        model.load_adapter(str(reward_adapter), adapter_name="value", is_trainable=True)
+        model.load_adapter(str(reward_adapter), adapter_name="reward", is_trainable=False)
+        value_head = load_head(reward_head, hidden, device)
+        frozen_head = load_head(reward_head, hidden, device)
+    else:
+        model.add_adapter("value", lora)
+        value_head = nn.Linear(hidden, 1).to(device)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+        frozen_head = None
+    # Dropout stays off for the whole run (PPO's ratios assume the same network at rollout and update);
+    # evaluating and then training a 4-bit layer on this CPU needs packing off (see set_cpu_4bit_packing).
+    model.eval()
+    set_cpu_4bit_packing(model, enabled=False)
+    ac = ActorCritic(model, value_head, frozen_head, separate_reward)
+    ac.trainable_named_parameters()
+    return ac

@@ -1,0 +1,235 @@
+"""Stage 02: a reward model on preference pairs (chosen scored above rejected).
+
+    python stages/02_reward.py --config configs/demo/reward.yaml
+    python stages/02_reward.py --model Qwen/Qwen2.5-0.5B-Instruct --data trl-lib/ultrafeedback_binarized --mode qlora
+
+InstructGPT style: the reward model starts from the SFT model (`sft:latest`) with a
+scalar score head (AutoModelForSequenceClassification, num_labels=1) and is trained
+with TRL's `RewardTrainer` as it ships on the Bradley-Terry loss
+-log σ(r(prompt, chosen) - r(prompt, rejected)). The score is read at the last
+non-pad token, which transformers' seq-cls heads find through
+`config.pad_token_id`: it must be the tokenizer's dedicated pad id.
+
+Modes: `full`, `lora` and `qlora` (LoRA on a 4-bit NF4 base). The artifacts
+(`rlhf.reward_model` documents the layout and how PPO loads it):
+    full        the seq-cls model (safetensors) + tokenizer             reward_kind "model"
+    lora/qlora  adapter/ (LoRA for the CAUSAL LM base) +                  reward_kind "adapter"
+                score_head.safetensors (`weight` (1, H)[, `bias`]) + tokenizer
+so PPO can load the SFT base once in 4-bit and attach this adapter and head to it.
+Before registering, the saved adapter + head are re-applied to a freshly loaded
+causal LM and must reproduce the trained model's scores.
+
+Metrics on held-out pairs, scored here (`rlhf.reward_model.score_conversations`):
+`eval_accuracy`, `eval_margin`, `eval_loss`; and `reward_mean` / `reward_std` over
+the held-out chosen + rejected responses, which PPO uses to normalize the reward.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
+from rlhf.errors import ConfigError, DataError, run_cli  # noqa: E402
+
+MODES = ("full", "lora", "qlora")
+N_CHECK = 8  # held-out conversations the reloaded adapter + head must reproduce
+CHECK_ATOL = 1e-3
+
+
+@dataclass
+class RewardStageConfig(StageConfig):
+    """Stage 02: train a scalar reward model on `preference` pairs."""
+
+    model: str = _help("Starting model: registry ref (sft:latest, pretrain:<id>), local folder or hub id.", default="sft:latest")
+    data: str = _help("Training preference pairs: .jsonl/.json/.parquet file or hub dataset id.", default="data/demo/pref_train.jsonl")
+    data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
+    eval_data: str = _help("Held-out preference pairs (file or hub id) for eval_accuracy, eval_margin, reward_mean/std.", default="data/demo/pref_heldout.jsonl")
+    eval_split: str = _help("Split to read when `eval_data` is a hub dataset.", default="test")
+    data_adapter: str | None = _help("Converter applied to both datasets first, for raw hub formats (e.g. 'hh-rlhf').", default=None)
+    max_eval_pairs: int = _help("Score at most this many held-out pairs (-1: all).", default=-1)
+    mode: str = _help("full | lora | qlora (LoRA on a 4-bit NF4 base).", default="full")
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = _help("LoRA dropout.", default=0.05)
+    lora_target_modules: str = _help("Modules LoRA wraps: 'all-linear' or a comma-separated list.", default="all-linear")
+    max_length: int = _help("Pairs whose chosen or rejected conversation is longer (tokens) are dropped from training.", default=512)
+    num_train_epochs: float = _help("Passes over the data (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (-1: use num_train_epochs).", default=-1)
+    per_device_train_batch_size: int = _help("Pairs per device per micro-batch (each pair is two sequences).", default=16)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, slower).", default=True)
+    learning_rate: float = _help("Peak learning rate (cosine schedule).", default=1e-4)
+    warmup_ratio: float = _help("Share of steps spent warming up.", default=0.03)
+    logging_steps: int = _help("Log every N steps (progress bar, TensorBoard).", default=10)
+    save_steps: int = _help("Write a resumable checkpoint every N steps.", default=100)
+    trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                       "max_length", "lora_r", "logging_steps", "save_steps")
+        if self.max_eval_pairs == 0 or self.max_eval_pairs < -1:
+            raise ConfigError(f"max_eval_pairs must be > 0 or -1 (all), got {self.max_eval_pairs}")
+
+
+def lora_config(cfg: RewardStageConfig):
+    """LoRA on the backbone; the score head is trained in full (`modules_to_save`), as RewardTrainer advises."""
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="SEQ_CLS",
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        modules_to_save=["score"],
+    )
+
+
+def load_pairs(source: str, split: str, adapter: str | None, limit: int = -1) -> list[dict]:
+    """Validated pairs in the explicit form {prompt, chosen, rejected} (implicit-prompt records are split)."""
+    from rlhf.data import load_records, split_implicit_prompt
+
+    records = load_records(source, "preference", split=split, adapter=adapter)
+    pairs = [split_implicit_prompt(r) for r in records]
+    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+    return pairs if limit < 0 else pairs[:limit]
+
+
+def save_reward_adapter(rm, base_path: str, tokenizer, folder: Path, load_in_4bit: bool, trust_remote_code: bool):
+    """Save the backbone LoRA of the seq-cls reward model as an adapter of the CAUSAL LM base; return that model.
+
+    The LoRA weights are loaded into a fresh causal LM wrapped with the same LoRA
+    config: every LoRA tensor must find its module there (the backbone module names
+    are the same under *ForSequenceClassification and *ForCausalLM, e.g.
+    `transformer.h.0.attn.c_attn` for GPT-2, `model.layers.0.self_attn.q_proj` for Qwen2).
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from rlhf.models import fit_embeddings, load_model
+
+    lora_state = {k: v for k, v in get_peft_model_state_dict(rm).items() if "lora_" in k}
+    config = copy.deepcopy(rm.peft_config["default"])
+    config.task_type, config.modules_to_save = "CAUSAL_LM", None
+    causal = load_model(base_path, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    fit_embeddings(causal, tokenizer)
+    reward_lm = get_peft_model(causal, config)
+    loaded = set_peft_model_state_dict(reward_lm, lora_state)
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if loaded.unexpected_keys or missing:
+        raise RuntimeError(f"LoRA tensors do not match the causal LM's modules: unexpected {loaded.unexpected_keys[:5]}, "
+                           f"missing {missing[:5]}")
+    reward_lm.save_pretrained(folder)
+    return reward_lm
+
+
+def main(cfg: RewardStageConfig) -> None:
+    from rlhf.data import fingerprint
+    from rlhf.models import resolve_model
+    from rlhf.registry import Registry
+    from rlhf.stage import begin, finish, log
+
+    # 1. Inputs: the starting model (a pretrain or sft entry, folder or hub id) and validated pairs.
+    base = resolve_model(cfg.model, Registry(cfg.registry), stages=("pretrain", "sft"))
+    train_pairs = load_pairs(cfg.data, cfg.data_split, cfg.data_adapter)
+    eval_pairs = load_pairs(cfg.eval_data, cfg.eval_split, cfg.data_adapter, cfg.max_eval_pairs)
+    data_fps = {"data": fingerprint(cfg.data, cfg.data_split), "eval_data": fingerprint(cfg.eval_data, cfg.eval_split)}
+    base_ref = base.entry.ref if base.entry else cfg.model
+    run = begin("reward", cfg, {**data_fps, "model": base_ref})
+    if run.reused:
+        return
+
+    import torch
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf.models import check_vocab, compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer
+    from rlhf.reward_model import (ADAPTER_DIR, conversation_ids, extract_score_head, pairwise_metrics, save_score_head,
+                                   score_ids)
+
+    # 2. Model: a scalar score head on the starting model; 4-bit NF4 base for QLoRA.
+    load_in_4bit = cfg.mode == "qlora"
+    tokenizer = load_tokenizer(base.path, cfg.trust_remote_code)
+    model = load_model(base.path, kind="score", load_in_4bit=load_in_4bit, trust_remote_code=cfg.trust_remote_code)
+    fit_embeddings(model, tokenizer)
+    check_vocab(model, tokenizer, cfg.model)
+    # Seq-cls heads pool at the last token != config.pad_token_id; a wrong id scores the wrong token.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    peft_config = lora_config(cfg) if cfg.mode in ("lora", "qlora") else None
+    cfg.max_length = context_length(model, cfg.max_length)
+
+    # 3. Train: TRL's RewardTrainer as it ships (it drops pairs longer than max_length).
+    train_ds = Dataset.from_list(train_pairs)
+    args = RewardConfig(
+        output_dir=str(run.work_dir), max_length=cfg.max_length,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
+        bf16=compute_dtype() == torch.bfloat16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                            peft_config=peft_config)
+    n_train = len(trainer.train_dataset)
+    if n_train == 0:
+        raise DataError(f"{cfg.data}: no pair fits in max_length={cfg.max_length} tokens; raise max_length")
+    log(f"[reward] {n_train} train pairs ({len(train_pairs) - n_train} longer than {cfg.max_length} tokens dropped), "
+        f"{len(eval_pairs)} held-out pairs, mode {cfg.mode}")
+    train_out = trainer.train(resume_from_checkpoint=run.last_checkpoint() if cfg.resume else None)
+    if not trainer.is_world_process_zero():
+        return
+    rm = trainer.model
+    # QLoRA: RewardTrainer keeps trainable weights in bf16; score in the base's compute dtype.
+    for p in rm.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(compute_dtype())
+
+    # 4. Evaluate on held-out pairs, and the reward scale over held-out chosen + rejected responses.
+    def rows(key: str) -> list[list[int]]:
+        return [conversation_ids(tokenizer, p["prompt"] + p[key], cfg.max_length) for p in eval_pairs]
+
+    eval_rows = rows("chosen") + rows("rejected")
+    scores = score_ids(rm, eval_rows, tokenizer.pad_token_id, batch_size=2 * cfg.per_device_train_batch_size)  # (2N,)
+    chosen, rejected = scores[: len(eval_pairs)], scores[len(eval_pairs):]
+    pair = pairwise_metrics(chosen, rejected)
+    metrics = {
+        "eval_accuracy": pair["accuracy"],
+        "eval_margin": pair["margin"],
+        "eval_loss": pair["loss"],
+        "reward_mean": scores.mean().item(),
+        "reward_std": scores.std().item(),
+        "train_loss": train_out.training_loss,
+        "train_pairs": n_train,
+        "eval_pairs": len(eval_pairs),
+        "steps": train_out.global_step,
+    }
+
+    # 5. Save: the seq-cls model, or the causal-LM adapter + score head (checked against the scores above).
+    staged = run.registry.staging_dir("reward")
+    if peft_config is None:
+        rm.save_pretrained(staged)
+    else:
+        head = extract_score_head(rm)
+        save_score_head(head, staged)
+        reward_lm = save_reward_adapter(rm, base.path, tokenizer, staged / ADAPTER_DIR, load_in_4bit,
+                                        cfg.trust_remote_code)
+        again = score_ids(reward_lm, eval_rows[:N_CHECK], tokenizer.pad_token_id, head=head)
+        gap = (again - scores[:N_CHECK]).abs().max().item()
+        if gap > CHECK_ATOL * max(1.0, scores.abs().max().item()):
+            raise RuntimeError(f"the saved adapter + score head on the causal LM differ from the reward model by {gap:.3g}")
+    tokenizer.save_pretrained(staged)
+
+    # 6. Register with the starting model as parent (or its hub id in the config).
+    finish(run, staged, cfg, parents=base.parents, metrics=metrics, data_fingerprints=data_fps,
+           extra_config={"reward_kind": "model" if peft_config is None else "adapter", "base_model": base_ref,
+                         "load_in_4bit": load_in_4bit})
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_config(RewardStageConfig)))

@@ -1,0 +1,481 @@
+"""Stage 03: PPO on one 4-bit base; reward = RM score − toxicity penalty − KL penalty.
+
+    python stages/03_ppo.py --config configs/demo/ppo.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml stages/03_ppo.py --config ...
+    torchrun --nproc_per_node 2 stages/03_ppo.py --config ...
+
+The SFT model is loaded once (NF4) and carries the policy, value and reward
+adapters; the reference is the base with adapters disabled (rlhf/actor_critic.py).
+Each step: sample responses for a batch of prompts, score them, turn scores and
+per-token KL into rewards, estimate advantages with GAE, then run
+`num_ppo_epochs` passes of clipped policy and value updates over
+`num_mini_batches` minibatches. Option names follow TRL 1.12's PPOConfig.
+
+Batch sizes (per process unless "global"):
+
+    per_device_train_batch_size   rows in one forward/backward of the update (micro-batch)
+    gradient_accumulation_steps   micro-batches summed into one optimizer step
+    local_mini_batch_size       = per_device_train_batch_size × gradient_accumulation_steps
+    num_mini_batches              optimizer steps per PPO epoch
+    local_batch_size            = local_mini_batch_size × num_mini_batches   (prompts sampled per step)
+    batch_size (global)         = local_batch_size × world_size
+    num_total_batches           = ceil(total_episodes / batch_size)          (PPO steps)
+    local_rollout_forward_batch_size  rows per no-grad forward during the rollout
+
+Per response: score = (RM − reward_mean) / reward_std (stats from the reward entry),
+reward = score − toxicity_coef · toxicity − missing_eos_penalty (if no EOS), placed
+at the last real token, plus −β·KL on every token. β is fixed or adaptive
+(Ziegler et al.); with `toxicity_budget` set, toxicity_coef is a Lagrange multiplier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
+from rlhf.errors import ConfigError, UserError, run_cli  # noqa: E402
+
+
+@dataclass
+class PPOStageConfig(StageConfig):
+    """Stage 03: PPO of the SFT model against the reward model and the toxicity scorer."""
+
+    sft_model: str = _help("Policy's starting point and the shared base: registry ref, folder or hub id.", default="sft:latest")
+    reward_model: str = _help("Reward entry (reward:latest / reward:<id>).", default="reward:latest")
+    data: str = _help("Prompts (`prompt` schema): file or hub dataset id.", default="data/demo/prompts_train.jsonl")
+    data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
+    load_in_4bit: bool = _help("Load the shared base in 4-bit NF4 (false: full precision, same code).", default=True)
+    lora_r: int = _help("LoRA rank of the policy (and of a fresh value adapter).", default=16)
+    lora_alpha: int = _help("LoRA alpha.", default=32)
+    lora_target_modules: str = _help("'all-linear' or comma-separated module names.", default="all-linear")
+    total_episodes: int = _help("Responses sampled over the whole run (global).", default=2048)
+    per_device_train_batch_size: int = _help("Micro-batch rows per forward/backward in the update.", default=8)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    num_mini_batches: int = _help("Optimizer steps per PPO epoch over one rollout batch.", default=2)
+    num_ppo_epochs: int = _help("Passes over each rollout batch.", default=2)
+    local_rollout_forward_batch_size: int = _help("Rows per no-grad forward during the rollout.", default=32)
+    max_prompt_length: int = _help("Prompts keep their last N tokens.", default=128)
+    response_length: int = _help("Maximum new tokens per response.", default=32)
+    temperature: float = _help("Sampling temperature (also applied to the logits used for logprobs).", default=1.0)
+    learning_rate: float = _help("AdamW learning rate (linear decay to 0).", default=3e-4)
+    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    kl_coef: float = _help("β: KL penalty coefficient (initial value when adaptive).", default=0.05)
+    kl_estimator: str = _help("k1 (log ratio) or k3 (Schulman's unbiased, non-negative).", default="k1")
+    adaptive_kl: bool = _help("Adapt β toward `kl_target` (Ziegler et al. 2019).", default=False)
+    kl_target: float = _help("Target KL (nats per response) of the adaptive controller.", default=2.0)
+    kl_horizon: int = _help("Horizon (episodes) of the adaptive controller.", default=10000)
+    kl_ceiling: float = _help("Stop early when mean KL per response exceeds this (nats).", default=50.0)
+    cliprange: float = _help("ε of the clipped policy objective.", default=0.2)
+    cliprange_value: float = _help("ε of the clipped value loss.", default=0.2)
+    vf_coef: float = _help("Weight of the value loss.", default=0.1)
+    gamma: float = _help("Discount γ.", default=1.0)
+    lam: float = _help("GAE λ.", default=0.95)
+    whiten_rewards: bool = _help("Whiten per-token rewards before GAE.", default=False)
+    missing_eos_penalty: float = _help("Subtracted from the score of a response cut off without EOS.", default=1.0)
+    toxicity: str = _help("Toxicity scorer spec (rlhf.safety): auto, profanity-check, detoxify:NAME or path.", default="auto")
+    toxicity_coef: float = _help("Weight of toxicity in the reward (initial multiplier in constrained mode).", default=2.0)
+    toxicity_budget: float | None = _help("Constrained mode: keep mean toxicity under this (Lagrange multiplier).", default=None)
+    toxicity_lr: float = _help("Constrained mode: multiplier learning rate.", default=1.0)
+    toxicity_coef_max: float = _help("Constrained mode: multiplier upper bound.", default=20.0)
+    logging_steps: int = _help("Print a progress line every N PPO steps (metrics.jsonl gets every step).", default=1)
+    sample_steps: int = _help("Log a few sample responses every N PPO steps.", default=10)
+    save_steps: int = _help("Checkpoint every N PPO steps (for --resume).", default=10)
+    trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
+
+    def validate(self) -> None:
+        check_positive(self, "total_episodes", "per_device_train_batch_size", "gradient_accumulation_steps",
+                       "num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length",
+                       "temperature", "learning_rate", "lora_r", "save_steps", "logging_steps", "sample_steps")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ConfigError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.toxicity_budget is not None and not 0 <= self.toxicity_budget <= 1:
+            raise ConfigError(f"toxicity_budget must be in [0, 1], got {self.toxicity_budget}")
+
+
+@dataclass
+class Sizes:
+    world_size: int
+    local_mini_batch_size: int
+    local_batch_size: int
+    batch_size: int
+    num_total_batches: int
+
+
+def derive_sizes(cfg: PPOStageConfig, world_size: int) -> Sizes:
+    """The derived batch sizes of the module docstring (divisions must be exact)."""
+    local_mini = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    local_batch = local_mini * cfg.num_mini_batches
+    batch = local_batch * world_size
+    return Sizes(world_size, local_mini, local_batch, batch, math.ceil(cfg.total_episodes / batch))
+
+
+def rollout(ac, tokenizer, prompt_ids, cfg, dev):
+    """Sample responses and compute everything the update needs, without gradients.
+
+    Returns a dict of tensors: query_responses (B, P+R), attention_mask (B, P+R), responses (B, R),
+    mask (B, R), logprobs, ref_logprobs, values (B, R), rm_scores (B,), has_eos (B,).
+    """
+    import torch
+
+    from rlhf.generation import left_pad
+    from rlhf.ppo_math import logprobs_from_logits
+
+    ids, pmask = left_pad(prompt_ids, tokenizer.pad_token_id)  # (B, P)
+    ids, pmask = ids.to(dev), pmask.to(dev)
+    P = ids.shape[1]
+    with torch.no_grad():
+        out = ac.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=cfg.temperature,
+                          top_k=0, top_p=1.0, max_new_tokens=cfg.response_length, min_new_tokens=1,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    responses = out[:, P:]  # (B, R'), R' <= response_length
+    is_eos = responses == tokenizer.eos_token_id
+    # Real tokens: everything up to and including the first EOS.
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = (~after_eos).long()  # (B, R')
+    responses = responses.masked_fill(after_eos, tokenizer.pad_token_id)
+    query_responses = torch.cat([ids, responses], dim=1)  # (B, P+R')
+    attention_mask = torch.cat([pmask, mask], dim=1)  # (B, P+R')
+
+    logprobs, ref_logprobs, values, rm_scores = [], [], [], []
+    fb = cfg.local_rollout_forward_batch_size
+    with torch.no_grad():
+        for i in range(0, len(query_responses), fb):
+            qr, am, resp = query_responses[i:i + fb], attention_mask[i:i + fb], responses[i:i + fb]
+            # Logits at position P-1+t predict response token t.
+            logits = ac.policy_logits(qr, am)[:, P - 1:-1] / cfg.temperature  # (b, R', V)
+            logprobs.append(logprobs_from_logits(logits, resp))
+            ref = ac.ref_logits(qr, am)[:, P - 1:-1] / cfg.temperature
+            ref_logprobs.append(logprobs_from_logits(ref, resp))
+            values.append(ac.values(qr, am)[:, P - 1:-1])
+            if ac.separate_reward is None:
+                rm_scores.append(ac.reward_scores(qr, am))
+    batch = {
+        "query_responses": query_responses, "attention_mask": attention_mask, "responses": responses,
+        "mask": mask, "logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs),
+        "values": torch.cat(values), "has_eos": is_eos.any(dim=1),
+    }
+    if rm_scores:
+        batch["rm_scores"] = torch.cat(rm_scores)
+    batch["P"] = P
+    return batch
+
+
+def all_reduce_mean(tensors, world_size: int) -> None:
+    """Average gradients (or stats) over processes: data parallelism without a DDP wrapper,
+    since each micro-batch runs two backward passes through different adapters."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(world_size)
+
+
+def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg, sizes, step_seed):
+    """`num_ppo_epochs` × `num_mini_batches` optimizer steps over one rollout batch; returns mean stats."""
+    import torch
+
+    from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+
+    P = batch["P"]
+    g = torch.Generator().manual_seed(step_seed)
+    stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "clipfrac", "vf_clipfrac", "entropy")}
+    mbs = cfg.per_device_train_batch_size
+    for _ in range(cfg.num_ppo_epochs):
+        order = torch.randperm(sizes.local_batch_size, generator=g)
+        for start in range(0, sizes.local_batch_size, sizes.local_mini_batch_size):
+            mini = order[start:start + sizes.local_mini_batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            for micro_start in range(0, len(mini), mbs):
+                idx = mini[micro_start:micro_start + mbs]
+                qr, am = batch["query_responses"][idx], batch["attention_mask"][idx]
+                mb_mask = batch["mask"][idx]
+                # Policy: clipped surrogate on fresh logprobs (temperature applied as at sampling time).
+                logits = ac.policy_logits(qr, am)[:, P - 1:-1] / cfg.temperature  # (b, R, V)
+                new_logprobs = logprobs_from_logits(logits, batch["responses"][idx])
+                pg_loss, pg_stats = policy_loss(new_logprobs, batch["logprobs"][idx], advantages[idx], mb_mask,
+                                                cfg.cliprange)
+                (pg_loss / cfg.gradient_accumulation_steps).backward()
+                with torch.no_grad():
+                    from rlhf.ppo_math import masked_mean
+                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb_mask)
+                del logits
+                # Value: clipped regression to the GAE returns.
+                new_values = ac.values(qr, am)[:, P - 1:-1]
+                vf_loss, vf_stats = value_loss(new_values, batch["values"][idx], returns[idx], mb_mask,
+                                               cfg.cliprange_value)
+                (cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps).backward()
+                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("entropy", entropy),
+                             *pg_stats.items(), *vf_stats.items()):
+                    stats[k].append(float(v.detach()))
+            grads = [p.grad for p in params if p.grad is not None]
+            all_reduce_mean(grads, sizes.world_size)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+        if not all(math.isfinite(x) for x in stats["pg_loss"] + stats["vf_loss"]):
+            raise FloatingPointError("non-finite PPO loss")
+    scheduler.step()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def save_checkpoint(folder, ac, optimizer, scheduler, controllers, step, extra) -> None:
+    """Everything --resume needs: trainable tensors, optimizer, scheduler, KL/Lagrange state, RNG, step."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(ac.trainable_state_dict(), str(tmp / "trainable.safetensors"))
+    np_state = np.random.get_state()
+    torch.save({
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python_rng": random.getstate(),
+    }, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({
+        "step": step, "controllers": {k: c.state_dict() for k, c in controllers.items()}, **extra}))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def load_checkpoint(folder, ac, optimizer, scheduler, controllers) -> dict:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    ac.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
+    state = torch.load(folder / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    py = state["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    for k, c in controllers.items():
+        c.load_state_dict(meta["controllers"][k])
+    return meta
+
+
+def main(cfg: PPOStageConfig) -> None:
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from rlhf.actor_critic import SeparateRewardModel, build_actor_critic
+    from rlhf.data import fingerprint, load_records
+    from rlhf.generation import encode_prompts
+    from rlhf.models import load_model, load_tokenizer, memory_footprint_mb, resolve_model
+    from rlhf.ppo_math import (AdaptiveKLController, FixedKLController, LagrangeController, compute_gae,
+                               exact_div, kl_k3, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
+                               explained_variance)
+    from rlhf.registry import Registry
+    from rlhf.safety import load_scorer
+    from rlhf.stage import begin, finish, log
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    dev, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    sizes = derive_sizes(cfg, world)
+    try:
+        exact_div(sizes.local_batch_size, cfg.num_mini_batches, "local_batch_size / num_mini_batches")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    # 1. Inputs: SFT base, reward entry, prompts, toxicity scorer.
+    registry = Registry(cfg.registry)
+    sft = resolve_model(cfg.sft_model, registry, stages=("sft", "pretrain"))
+    rm_entry = registry.get(cfg.reward_model, stage="reward")
+    prompts = load_records(cfg.data, "prompt", split=cfg.data_split)
+    scorer = load_scorer(cfg.toxicity)  # chosen once; never switches during the run
+    data_fps = {"data": fingerprint(cfg.data, cfg.data_split)}
+    parents = [*sft.parents, rm_entry.ref]
+    run = begin("ppo", cfg, {**data_fps, "sft": sft.entry.ref if sft.entry else cfg.sft_model,
+                             "reward": rm_entry.ref, "toxicity": scorer.spec})
+    if run.reused:
+        return
+    reward_mean = float(rm_entry.metrics.get("reward_mean", 0.0))
+    reward_std = float(rm_entry.metrics.get("reward_std", 1.0)) or 1.0
+
+    # 2. Models: one base, four roles.
+    tokenizer = load_tokenizer(sft.path, cfg.trust_remote_code)
+    shares_base = (rm_entry.config.get("reward_kind") == "adapter"
+                   and rm_entry.config.get("base_model") in {sft.ref, sft.entry.ref if sft.entry else None})
+    separate = None
+    if not shares_base:
+        rm_tok = load_tokenizer(str(rm_entry.path))
+        rm_model = load_model(str(rm_entry.path), kind="score", load_in_4bit=cfg.load_in_4bit)
+        rm_model.config.pad_token_id = rm_tok.pad_token_id
+        separate = SeparateRewardModel(rm_model.to(dev) if not cfg.load_in_4bit else rm_model.eval(), rm_tok,
+                                       cfg.max_prompt_length + cfg.response_length)
+        log(f"[ppo] reward model {rm_entry.ref} is not an adapter on {sft.ref}: loaded separately")
+    ac = build_actor_critic(
+        sft.path, tokenizer, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_target_modules=cfg.lora_target_modules, reward_adapter=rm_entry.path / "adapter" if shares_base else None,
+        reward_head=rm_entry.path / "score_head.safetensors" if shares_base else None,
+        separate_reward=separate, device=dev, trust_remote_code=cfg.trust_remote_code)
+    footprint = memory_footprint_mb(ac)
+    log(f"[ppo] one base ({'4-bit NF4' if cfg.load_in_4bit else 'full precision'}) for policy/ref/value/reward: "
+        f"model memory {footprint:.1f} MiB; toxicity scorer {scorer.spec}; world size {world}; "
+        f"{sizes.num_total_batches} steps of {sizes.batch_size} episodes")
+
+    named = ac.trainable_named_parameters()
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1.0 - s / sizes.num_total_batches))
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.kl_coef))
+    tox_ctl = (LagrangeController(cfg.toxicity_coef, cfg.toxicity_budget, cfg.toxicity_lr, cfg.toxicity_coef_max)
+               if cfg.toxicity_budget is not None else FixedKLController(cfg.toxicity_coef))
+    controllers = {"kl": kl_ctl, "toxicity": tox_ctl}
+
+    # 3. Resume: trainable tensors, optimizer, scheduler, controllers, RNG and step.
+    ckpt_dir = run.work_dir / "checkpoint"
+    metrics_path = run.work_dir / "metrics.jsonl"
+    start_step = 0
+    if cfg.resume and (ckpt_dir / "trainer_state.json").exists():
+        start_step = load_checkpoint(ckpt_dir, ac, optimizer, scheduler, controllers)["step"]
+        log(f"[ppo] resumed at step {start_step}")
+        if metrics_path.exists():  # keep exactly the lines of the steps the checkpoint holds
+            lines = metrics_path.read_text().splitlines()[:start_step]
+            metrics_path.write_text("".join(line + "\n" for line in lines))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    encoded = encode_prompts(tokenizer, [p["messages"] for p in prompts], cfg.max_prompt_length)
+    stop = {"signal": None}
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.update(signal=signum))
+
+    # 4. The loop: rollout -> rewards -> advantages -> update -> log.
+    history: list[dict] = []
+    bar = tqdm(range(start_step, sizes.num_total_batches), initial=start_step, total=sizes.num_total_batches,
+               desc="ppo", disable=rank != 0)
+    step = start_step
+    for step in bar:
+        t0 = time.time()
+        # Prompt order: a permutation per pass over the data, from (seed, pass) alone, so resume needs only `step`.
+        first = step * sizes.batch_size + rank * sizes.local_batch_size
+        idx = []
+        for j in range(first, first + sizes.local_batch_size):
+            epoch, k = divmod(j, len(encoded))
+            perm = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            idx.append(int(perm[k]))
+        batch = rollout(ac, tokenizer, [encoded[i] for i in idx], cfg, dev)
+        mask = batch["mask"]
+        texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+        if separate is not None:
+            batch["rm_scores"] = separate.score([prompts[i]["messages"] for i in idx], texts).to(dev)
+        score = (batch["rm_scores"] - reward_mean) / reward_std  # (B,)
+        toxicity = torch.tensor(scorer.score(texts), dtype=torch.float32, device=dev)  # (B,)
+        total = score - tox_ctl.value * toxicity
+        total = total - cfg.missing_eos_penalty * (~batch["has_eos"]).float()
+        kl = kl_penalty(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator)  # (B, R)
+        rewards = per_token_rewards(total, kl, kl_ctl.value, mask)  # (B, R)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        t_rollout = time.time() - t0
+
+        t1 = time.time()
+        upd = ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg, sizes,
+                         step_seed=cfg.seed * 100003 + step)
+        t_update = time.time() - t1
+
+        kl_seq = (kl * mask).sum(1).mean().item()
+        metrics = {
+            "step": step + 1, "episodes": (step + 1) * sizes.batch_size,
+            "objective/score": score.mean().item(), "objective/toxicity": toxicity.mean().item(),
+            "objective/kl": (kl_penalty(batch["logprobs"], batch["ref_logprobs"], "k1") * mask).sum(1).mean().item(),
+            "objective/kl_k3": (kl_k3(batch["logprobs"], batch["ref_logprobs"]) * mask).sum(1).mean().item(),
+            "objective/kl_coef": kl_ctl.value, "objective/toxicity_coef": tox_ctl.value,
+            "objective/rlhf_reward": (total - kl_ctl.value * (kl * mask).sum(1)).mean().item(),
+            "policy/approxkl": upd["approxkl"], "policy/clipfrac": upd["clipfrac"], "policy/entropy": upd["entropy"],
+            "loss/policy": upd["pg_loss"], "val/vf_loss": upd["vf_loss"], "val/clipfrac": upd["vf_clipfrac"],
+            "val/explained_variance": explained_variance(batch["values"], returns, mask),
+            "response/length_mean": mask.sum(1).float().mean().item(),
+            "response/eos_rate": batch["has_eos"].float().mean().item(),
+            "timing/rollout_s": t_rollout, "timing/update_s": t_update,
+            "episodes_per_s": sizes.batch_size / (t_rollout + t_update),
+        }
+        all_finite = all(math.isfinite(v) for k, v in metrics.items() if k != "val/explained_variance")
+        if not all_finite:
+            raise UserError(f"step {step + 1}: non-finite metrics ({metrics}); stopping, last good checkpoint "
+                            f"kept in {ckpt_dir}; try a lower learning_rate")
+        kl_ctl.update(kl_seq, sizes.batch_size)
+        if isinstance(tox_ctl, LagrangeController):
+            tox_ctl.update(metrics["objective/toxicity"])
+        history.append(metrics)
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            accelerator.log(metrics, step=step + 1) if accelerator.trackers else None
+            bar.set_postfix({"score": f"{metrics['objective/score']:.2f}",
+                             "tox": f"{metrics['objective/toxicity']:.2f}", "kl": f"{metrics['objective/kl']:.2f}"})
+            if (step + 1) % cfg.sample_steps == 0:
+                for t, s, x in list(zip(texts, score.tolist(), toxicity.tolist()))[:3]:
+                    log(f"[ppo] sample (score {s:+.2f}, toxicity {x:.2f}): {t[:120]!r}")
+        if metrics["objective/kl"] > cfg.kl_ceiling:
+            log(f"[ppo] KL {metrics['objective/kl']:.2f} above kl_ceiling {cfg.kl_ceiling}: stopping early")
+            break
+        if rank == 0 and ((step + 1) % cfg.save_steps == 0 or stop["signal"]):
+            save_checkpoint(ckpt_dir, ac, optimizer, scheduler, controllers, step + 1, {})
+        if stop["signal"]:
+            log(f"[ppo] interrupted: checkpoint at step {step + 1} saved in {ckpt_dir}; rerun with --resume")
+            raise SystemExit(130)
+
+    # 5. Save the adapters and the metrics, register with parents sft and reward.
+    if rank != 0:
+        return
+    staged = run.registry.staging_dir("ppo")
+    ac.model.save_pretrained(str(staged), selected_adapters=["policy", "value"])
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in ac.value_head.state_dict().items()},
+              str(staged / "value_head.safetensors"))
+    import shutil
+
+    shutil.copy(metrics_path, staged / "metrics.jsonl")
+    tokenizer.save_pretrained(staged)
+    first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
+
+    def mean(rows, key):
+        return float(np.mean([r[key] for r in rows]))
+
+    final = {k: v for k, v in history[-1].items() if "/" in k}
+    final.update({
+        "score_first_quarter": mean(first, "objective/score"), "score_last_quarter": mean(last, "objective/score"),
+        "toxicity_first_quarter": mean(first, "objective/toxicity"),
+        "toxicity_last_quarter": mean(last, "objective/toxicity"), "steps": step + 1,
+        "model_memory_mb": footprint,
+    })
+    finish(run, staged, cfg, parents=parents, metrics=final, data_fingerprints=data_fps,
+           extra_config={"sft_model": sft.entry.ref if sft.entry else cfg.sft_model, "reward_model": rm_entry.ref,
+                         "toxicity_scorer": scorer.describe(), "reward_shares_base": shares_base,
+                         "base_loading": {"load_in_4bit": cfg.load_in_4bit, "quant_type": "nf4" if cfg.load_in_4bit else None,
+                                          "compute_dtype": str(ac.model.dtype) if hasattr(ac.model, "dtype") else None},
+                         "world_size": world, "batch_size": sizes.batch_size})
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_config(PPOStageConfig)))

@@ -1,0 +1,228 @@
+"""Stage 01 (SFT) on the tiny pretrain entry: loss mask, the three modes through the CLI, bad references,
+determinism.
+
+Every run works on its own copy of the session's `pretrained_registry`, so rows
+never leak between tests; the full-mode run is shared by the tests that only read it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+from rlhf import chat_format
+from rlhf.registry import Entry, Registry
+
+pytestmark = pytest.mark.slow
+
+# Small and quick: 4 optimizer steps of 8 dialogues, short replies for BLEU/ROUGE-L.
+TINY_SFT = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--gen_eval_samples", "4",
+            "--max_new_tokens", "8", "--logging_steps", "2"]
+SFT_METRICS = ("eval_loss", "eval_perplexity", "base_eval_perplexity", "bleu", "rouge_l")
+
+
+def _copy(registry: Path, dst: Path) -> Path:
+    shutil.copytree(registry, dst)
+    return dst
+
+
+def _sft(reg: Path, data: dict[str, Path], *extra: str, model: str = "pretrain:latest"):
+    return run_script("stages/01_sft.py", "--model", model, "--data", str(data["sft"]),
+                      "--eval_data", str(data["sft_eval"]), "--registry", str(reg), *TINY_SFT, *extra)
+
+
+def _only_sft_entry(reg: Path) -> Entry:
+    (entry,) = Registry(reg).entries("sft")
+    return entry
+
+
+def _changed_tensors(base_dir: Path, tuned_dir: Path) -> tuple[set[str], set[str]]:
+    """(names whose values differ, names compared) between two saved model.safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = load_file(base_dir / "model.safetensors")
+    tuned = load_file(tuned_dir / "model.safetensors")
+    common = set(base) & set(tuned)
+    changed = {k for k in common if base[k].shape != tuned[k].shape or not torch.equal(base[k], tuned[k].to(base[k].dtype))}
+    return changed, common
+
+
+@pytest.fixture(scope="module")
+def sft_full(pretrained_registry, tiny_data, tmp_path_factory) -> tuple[Path, Entry]:
+    """One full-mode SFT run through the CLI, shared by the tests that only read its entry."""
+    reg = _copy(pretrained_registry, tmp_path_factory.mktemp("sft_full") / "runs")
+    res = _sft(reg, tiny_data, "--mode", "full")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return reg, _only_sft_entry(reg)
+
+
+# ------------------------------------------------------------------------------------ loss mask
+
+
+def _assistant_token_flags(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered dialogue and, per token, whether it lies in an assistant reply (+ its `<|end|>`).
+
+    Worked out from character offsets of the rendered text, independently of TRL.
+    """
+    text, spans = "", []
+    for m in messages:
+        piece = chat_format.render_messages([m])
+        if m["role"] == "assistant":
+            start = len(text) + len(chat_format.ROLE_TOKENS["assistant"] + "\n")
+            spans.append((start, start + len(m["content"] + chat_format.EOS)))
+        text += piece
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    flags = [any(a <= s and e <= b for a, b in spans) for s, e in enc["offset_mapping"]]
+    return enc["input_ids"], flags
+
+
+def test_loss_mask_covers_only_assistant_turns_and_their_eos(pretrained_registry, tmp_path):
+    """SFTTrainer as 01_sft.py builds it: system/user/role-header tokens get label -100, assistant replies
+    (including each closing `<|end|>`) keep their ids, in a multi-turn dialogue; padding is -100 too."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf.models import fit_embeddings, load_model, load_tokenizer
+
+    entry = Registry(pretrained_registry).get("pretrain:latest")
+    tokenizer = load_tokenizer(str(entry.path))
+    model = load_model(str(entry.path))
+    fit_embeddings(model, tokenizer)
+    dialogue = [
+        {"role": "system", "content": "you are kind"},
+        {"role": "user", "content": "hello how are you"},
+        {"role": "assistant", "content": "fine thanks"},
+        {"role": "user", "content": "tell me about tea"},
+        {"role": "assistant", "content": "I like tea"},
+    ]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good day"}]
+    args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, max_length=256,
+                     per_device_train_batch_size=2, report_to=[], use_cpu=True, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": dialogue}, {"messages": short}]),
+                         processing_class=tokenizer)
+
+    examples = [trainer.train_dataset[i] for i in range(2)]
+    for example, messages in zip(examples, (dialogue, short)):
+        ids, is_assistant = _assistant_token_flags(tokenizer, messages)
+        assert example["input_ids"] == ids
+        assert example["labels"] == [t if a else -100 for t, a in zip(ids, is_assistant)]
+
+    # The long dialogue, read token by token.
+    labels, ids = examples[0]["labels"], examples[0]["input_ids"]
+    kept = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert tokenizer.decode(kept) == "fine thanks<|end|>I like tea<|end|>"
+    end_id = tokenizer.convert_tokens_to_ids(chat_format.EOS)
+    end_labels = [lab for t, lab in zip(ids, labels) if t == end_id]
+    assert end_labels == [-100, -100, end_id, -100, end_id]  # system, user, assistant, user, assistant
+    for role_token in chat_format.ROLE_TOKENS.values():
+        role_id = tokenizer.convert_tokens_to_ids(role_token)
+        assert all(lab == -100 for t, lab in zip(ids, labels) if t == role_id)
+
+    # What the model sees: the collator keeps those labels and masks the short row's right padding.
+    batch = trainer.data_collator(examples)
+    n_short = len(examples[1]["input_ids"])
+    assert batch["labels"][0].tolist() == labels
+    assert batch["labels"][1, :n_short].tolist() == examples[1]["labels"]
+    assert (batch["labels"][1, n_short:] == -100).all() and (batch["input_ids"][1, n_short:] == tokenizer.pad_token_id).all()
+
+
+# ------------------------------------------------------------------------------------ modes
+
+
+def test_full_sft_registers_child_of_pretrain_with_metrics(pretrained_registry, sft_full):
+    """Full mode: an `sft` entry whose parent is the pretrain entry, with eval and generation metrics."""
+    reg, entry = sft_full
+    (base,) = Registry(pretrained_registry).entries("pretrain")
+    assert entry.parents == [base.ref]
+    assert [e.ref for e in Registry(reg).lineage(entry.ref)] == [entry.ref, base.ref]
+    assert entry.config["mode"] == "full" and entry.config["base_model"] == base.ref
+    for key in SFT_METRICS:
+        assert isinstance(entry.metrics[key], float), key
+    assert entry.metrics["steps"] == 4
+    assert set(entry.data_fingerprints) == {"data", "eval_data"}
+    assert Registry(reg).verify() == {}
+
+
+def test_full_sft_changes_every_transformer_weight(pretrained_registry, sft_full):
+    """Full mode trains the whole model: every transformer-block tensor differs from the base's."""
+    _, entry = sft_full
+    (base,) = Registry(pretrained_registry).entries("pretrain")
+    changed, common = _changed_tensors(base.path, entry.path)
+    blocks = {k for k in common if k.startswith("transformer.h.")}
+    assert blocks and blocks <= changed, sorted(blocks - changed)
+
+
+def test_same_seed_gives_identical_eval_loss(pretrained_registry, tiny_data, sft_full, tmp_path):
+    """Determinism: a second full run with the same seed reproduces eval_loss (and train_loss) exactly."""
+    _, first = sft_full
+    reg = _copy(pretrained_registry, tmp_path / "runs")
+    res = _sft(reg, tiny_data, "--mode", "full")
+    assert res.returncode == 0, res.stderr[-3000:]
+    second = _only_sft_entry(reg)
+    assert second.metrics["eval_loss"] == first.metrics["eval_loss"]
+    assert second.metrics["train_loss"] == first.metrics["train_loss"]
+
+
+def test_lora_keeps_adapter_and_saves_a_merged_plain_model(pretrained_registry, tiny_data, tmp_path):
+    """LoRA: `adapter/` is kept; the entry itself is a plain merged model that AutoModelForCausalLM loads,
+    with no LoRA weights left in it, and it differs from the base."""
+    from transformers import AutoModelForCausalLM
+
+    reg = _copy(pretrained_registry, tmp_path / "runs")
+    res = _sft(reg, tiny_data, "--mode", "lora", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    entry = _only_sft_entry(reg)
+    assert (entry.path / "adapter" / "adapter_config.json").is_file()
+    assert (entry.path / "adapter" / "adapter_model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(entry.path)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    (base,) = Registry(pretrained_registry).entries("pretrain")
+    changed, _ = _changed_tensors(base.path, entry.path)
+    assert any(k.startswith("transformer.h.") for k in changed), "merging the adapter changed nothing"
+    for key in SFT_METRICS:
+        assert key in entry.metrics, key
+
+
+def test_qlora_runs_end_to_end_on_cpu(pretrained_registry, tiny_data, tmp_path):
+    """QLoRA (4-bit NF4 base + LoRA) trains on the CPU and registers a merged full-precision model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reg = _copy(pretrained_registry, tmp_path / "runs")
+    res = _sft(reg, tiny_data, "--mode", "qlora", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    entry = _only_sft_entry(reg)
+    assert entry.config["mode"] == "qlora" and entry.config["load_in_4bit"] is True
+    assert (entry.path / "adapter" / "adapter_model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(entry.path)
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the merged model must not stay quantized"
+    for key in SFT_METRICS:
+        assert key in entry.metrics, key
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("sft:latest", "sft:latest: no 'sft' entry in the registry"),
+        ("reward:latest", "reward:latest: no 'reward' entry in the registry"),
+        ("{tmp}/no_such_model", "no_such_model: no such folder"),
+    ],
+    ids=["unknown-sft", "wrong-stage", "missing-path"],
+)
+def test_bad_model_reference_fails_with_one_line(pretrained_registry, tiny_data, tmp_path, model, expected):
+    """A reference that cannot be resolved exits non-zero with one `error:` line, no traceback, no new row."""
+    reg = _copy(pretrained_registry, tmp_path / "runs")
+    res = _sft(reg, tiny_data, model=model.format(tmp=tmp_path))
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], res.stderr[-2000:]
+    assert [e.stage for e in Registry(reg).entries()] == ["pretrain"]
+    assert not any((reg / ".work").glob("*")) and not any((reg / ".staging").glob("*"))
