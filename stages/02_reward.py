@@ -176,6 +176,11 @@ def main(cfg: RewardStageConfig) -> None:
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                             peft_config=peft_config)
+    # With a 4-bit base RewardTrainer casts the trainable weights to bf16 (QLoRA paper); the CPU computes
+    # in fp32 (bf16 autocast off), so bring them to the base's compute dtype (a no-op on a bf16 GPU).
+    for p in trainer.model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(compute_dtype())
     n_train = len(trainer.train_dataset)
     if n_train == 0:
         raise DataError(f"{cfg.data}: no pair fits in max_length={cfg.max_length} tokens; raise max_length")
@@ -185,10 +190,6 @@ def main(cfg: RewardStageConfig) -> None:
     if not trainer.is_world_process_zero():
         return
     rm = trainer.model
-    # QLoRA: RewardTrainer keeps trainable weights in bf16; score in the base's compute dtype.
-    for p in rm.parameters():
-        if p.requires_grad:
-            p.data = p.data.to(compute_dtype())
 
     # 4. Evaluate on held-out pairs, and the reward scale over held-out chosen + rejected responses.
     def rows(key: str) -> list[list[int]]:

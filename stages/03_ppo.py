@@ -181,11 +181,32 @@ def all_reduce_mean(tensors, world_size: int) -> None:
         t.div_(world_size)
 
 
-def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg, sizes, step_seed):
-    """`num_ppo_epochs` × `num_mini_batches` optimizer steps over one rollout batch; returns mean stats."""
+def global_whiten(x, mask, world_size: int):
+    """Whiten `x` over the real tokens of every process (one process: `masked_whiten`)."""
     import torch
 
-    from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+    from rlhf.ppo_math import masked_whiten
+
+    if world_size == 1:
+        return masked_whiten(x, mask)
+    m = mask.to(x.dtype)
+    sums = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
+    all_reduce_mean([sums], world_size)
+    mean, var = sums[0] / sums[2], sums[1] / sums[2] - (sums[0] / sums[2]) ** 2
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), x)
+
+
+def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg, sizes, step_seed):
+    """`num_ppo_epochs` × `num_mini_batches` optimizer steps over one rollout batch; returns mean stats.
+
+    Each minibatch's loss is the mean over all its real tokens, on every process together:
+    a micro-batch's masked mean is weighted by its share of the minibatch's tokens, so
+    the gradient is the same for any split into micro-batches or processes
+    (per_device_train_batch_size × gradient_accumulation_steps × world_size).
+    """
+    import torch
+
+    from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits, masked_mean, policy_loss, value_loss
 
     P = batch["P"]
     g = torch.Generator().manual_seed(step_seed)
@@ -195,35 +216,39 @@ def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg
         order = torch.randperm(sizes.local_batch_size, generator=g)
         for start in range(0, sizes.local_batch_size, sizes.local_mini_batch_size):
             mini = order[start:start + sizes.local_mini_batch_size]
+            n_tokens = batch["mask"][mini].sum().float().reshape(1)
+            all_reduce_mean([n_tokens], sizes.world_size)  # mean tokens per process in this minibatch
             optimizer.zero_grad(set_to_none=True)
             for micro_start in range(0, len(mini), mbs):
                 idx = mini[micro_start:micro_start + mbs]
                 qr, am = batch["query_responses"][idx], batch["attention_mask"][idx]
                 mb_mask = batch["mask"][idx]
+                weight = mb_mask.sum().float() / n_tokens.item()  # this micro-batch's share of the tokens
                 # Policy: clipped surrogate on fresh logprobs (temperature applied as at sampling time).
                 logits = ac.policy_logits(qr, am)[:, P - 1:-1] / cfg.temperature  # (b, R, V)
                 new_logprobs = logprobs_from_logits(logits, batch["responses"][idx])
                 pg_loss, pg_stats = policy_loss(new_logprobs, batch["logprobs"][idx], advantages[idx], mb_mask,
                                                 cfg.cliprange)
-                (pg_loss / cfg.gradient_accumulation_steps).backward()
+                if not torch.isfinite(pg_loss):
+                    raise UserError("non-finite policy loss (NaN/inf logits or ratios); stopping before the update, "
+                                    "the last good checkpoint is kept; try a lower learning_rate or temperature")
+                (pg_loss * weight).backward()
                 with torch.no_grad():
-                    from rlhf.ppo_math import masked_mean
                     entropy = masked_mean(entropy_from_logits(logits.detach()), mb_mask)
                 del logits
-                # Value: clipped regression to the GAE returns.
+                # Value: clipped regression to the GAE returns (value adapter and head).
                 new_values = ac.values(qr, am)[:, P - 1:-1]
                 vf_loss, vf_stats = value_loss(new_values, batch["values"][idx], returns[idx], mb_mask,
                                                cfg.cliprange_value)
-                (cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps).backward()
+                if not torch.isfinite(vf_loss):
+                    raise UserError("non-finite value loss; stopping before the update, the last good checkpoint is kept")
+                (cfg.vf_coef * vf_loss * weight).backward()
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("entropy", entropy),
                              *pg_stats.items(), *vf_stats.items()):
                     stats[k].append(float(v.detach()))
-            grads = [p.grad for p in params if p.grad is not None]
-            all_reduce_mean(grads, sizes.world_size)
+            all_reduce_mean([p.grad for p in params if p.grad is not None], sizes.world_size)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-        if not all(math.isfinite(x) for x in stats["pg_loss"] + stats["vf_loss"]):
-            raise FloatingPointError("non-finite PPO loss")
     scheduler.step()
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -394,7 +419,7 @@ def main(cfg: PPOStageConfig) -> None:
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = global_whiten(advantages, mask, world)
         t_rollout = time.time() - t0
 
         t1 = time.time()

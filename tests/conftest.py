@@ -86,3 +86,56 @@ def pretrained_registry(tmp_path_factory, tiny_data) -> Path:
     res = run_script("stages/00_pretrain.py", "--data", str(tiny_data["text"]), "--registry", str(reg), *TINY_PRETRAIN)
     assert res.returncode == 0, res.stderr[-3000:]
     return reg
+
+
+def register_fake_reward(registry_root: Path, seed: int = 0) -> str:
+    """A `reward` entry of the adapter kind on `sft:latest`: a random LoRA adapter and score head.
+
+    For tests of later stages that must not depend on training a reward model.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.registry import Registry
+
+    reg = Registry(registry_root)
+    sft = reg.get("sft:latest")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(sft.path))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    staged = reg.staging_dir("reward")
+    peft_model.save_pretrained(str(staged / "adapter"))
+    hidden = model.get_input_embeddings().weight.shape[1]
+    save_file({"weight": torch.randn(1, hidden) * 0.5, "bias": torch.zeros(1)}, str(staged / "score_head.safetensors"))
+    entry = reg.register("reward", staged, parents=[sft.ref],
+                         config={"reward_kind": "adapter", "base_model": sft.ref, "load_in_4bit": False},
+                         metrics={"reward_mean": 0.0, "reward_std": 1.0, "eval_accuracy": 0.5})
+    return entry.ref
+
+
+@pytest.fixture(scope="session")
+def rlhf_registry(tmp_path_factory, pretrained_registry, tiny_data) -> Path:
+    """pretrain + a tiny sft + a fake adapter reward entry; copy it before adding entries."""
+    import shutil
+
+    reg = tmp_path_factory.mktemp("rlhf") / "runs"
+    shutil.copytree(pretrained_registry, reg)
+    res = run_script("stages/01_sft.py", "--registry", str(reg), "--data", str(tiny_data["sft"]),
+                     "--eval_data", str(tiny_data["sft_eval"]), "--max_steps", "2", "--gen_eval_samples", "0",
+                     "--learning_rate", "1e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    register_fake_reward(reg)
+    return reg
+
+
+def load_stage(filename: str):
+    """Import a stage script (`03_ppo.py` is not an importable module name) for in-process tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{filename[:2]}", ROOT / "stages" / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

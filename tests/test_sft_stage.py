@@ -7,12 +7,14 @@ never leak between tests; the full-mode run is shared by the tests that only rea
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from rlhf import chat_format
 from rlhf.registry import Entry, Registry
 
@@ -207,22 +209,61 @@ def test_qlora_runs_end_to_end_on_cpu(pretrained_registry, tiny_data, tmp_path):
 # ------------------------------------------------------------------------------------ bad input
 
 
+def _sft_module():
+    """stages/01_sft.py as a module, to drive its command line in-process (the heavy imports are paid once)."""
+    name = "_stage01_sft"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "stages" / "01_sft.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def _fake_reward_entry(reg: Path) -> Entry:
+    registry = Registry(reg)
+    staged = registry.staging_dir("reward")
+    (staged / "config.json").write_text("{}")
+    return registry.register("reward", staged, parents=[], config={}, metrics={})
+
+
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
-        ("sft:latest", "sft:latest: no 'sft' entry in the registry"),
-        ("reward:latest", "reward:latest: no 'reward' entry in the registry"),
-        ("{tmp}/no_such_model", "no_such_model: no such folder"),
+        ("sft:latest", "error: sft:latest: no 'sft' entry in the registry"),
+        ("reward:latest", "error: reward:latest: is a 'reward' entry, but this needs a 'pretrain' or 'sft' entry"),
     ],
-    ids=["unknown-sft", "wrong-stage", "missing-path"],
+    ids=["no-sft-entry", "reward-entry"],
 )
-def test_bad_model_reference_fails_with_one_line(pretrained_registry, tiny_data, tmp_path, model, expected):
-    """A reference that cannot be resolved exits non-zero with one `error:` line, no traceback, no new row."""
+def test_unusable_registry_reference_fails_with_one_line(pretrained_registry, tiny_data, tmp_path, capsys, model, expected):
+    """`--model sft:latest` with no sft entry, or a `reward` entry as the base: exit non-zero, one `error:`
+    line (no traceback), no new row, no work folder. Runs the script's CLI entry (`run_cli`) in-process."""
+    from rlhf.config import parse_config
+    from rlhf.errors import run_cli
+
     reg = _copy(pretrained_registry, tmp_path / "runs")
-    res = _sft(reg, tiny_data, model=model.format(tmp=tmp_path))
+    if model.startswith("reward"):
+        _fake_reward_entry(reg)
+    before = [e.ref for e in Registry(reg).entries()]
+    sft = _sft_module()
+    argv = ["--model", model, "--data", str(tiny_data["sft"]), "--eval_data", str(tiny_data["sft_eval"]),
+            "--registry", str(reg), *TINY_SFT]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: sft.main(parse_config(sft.SFTStageConfig, argv)))
+    assert exited.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(expected), err
+    assert [e.ref for e in Registry(reg).entries()] == before
+    assert not any((reg / ".work").glob("*")) and not any((reg / ".staging").glob("*"))
+
+
+def test_missing_model_folder_fails_with_one_line_through_the_cli(pretrained_registry, tiny_data, tmp_path):
+    """`python stages/01_sft.py --model <no such folder>`: exit non-zero, one `error:` line naming the path,
+    no traceback, no new row."""
+    reg = _copy(pretrained_registry, tmp_path / "runs")
+    missing = tmp_path / "no_such_model"
+    res = _sft(reg, tiny_data, model=str(missing))
     assert res.returncode != 0
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0], res.stderr[-2000:]
+    assert errors == [f"error: {missing}: no such folder, and not a registry reference (stage:latest, stage:<id>) or hub id"], res.stderr[-2000:]
     assert [e.stage for e in Registry(reg).entries()] == ["pretrain"]
-    assert not any((reg / ".work").glob("*")) and not any((reg / ".staging").glob("*"))

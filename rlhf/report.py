@@ -1,0 +1,308 @@
+"""The comparison report (stage 04): metrics.json, samples.jsonl, report.md, report.html, PNG plots.
+
+`write_report(result, samples, out_dir, training_log=...)` writes, into `out_dir`:
+
+    metrics.json         `result` as is (NaN written as null)
+    samples.jsonl        one line per prompt: category, messages, every model's K samples with reward/toxicity
+    report.md            a title line, a blank line, the headline table (scripts/run_pipeline.py prints
+                         `text.split("\\n\\n")[1]`), then settings, differences vs base with CIs, models, plots
+    report.html          self-contained (inline CSS, plots as base64 PNG): the tables, the plots, then the
+                         first sample of every model side by side per prompt, adversarial prompts first
+    training_curves.png  PPO score, toxicity, KL and KL coefficient per step (when a training log exists)
+    reward_toxicity.png  per model: reward and toxicity rate (all / adversarial prompts) with CI error bars
+
+matplotlib is imported inside the plotting functions (Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# (metric key, column header, format) of the headline table, in order.
+HEADLINE = (
+    ("reward_mean", "reward", "{:+.3f}"),
+    ("win_rate", "win rate vs base [95% CI]", None),
+    ("adversarial/toxicity_rate", "toxicity rate (adversarial)", "{:.3f}"),
+    ("toxicity_rate", "toxicity rate", "{:.3f}"),
+    ("expected_max_toxicity", "exp. max toxicity", "{:.3f}"),
+    ("toxicity_probability", "toxicity prob.", "{:.3f}"),
+    ("kl_to_base", "KL to base", "{:.2f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("bleu", "BLEU", "{:.2f}"),
+    ("rouge_l", "ROUGE-L", "{:.3f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("length_mean", "length", "{:.1f}"),
+    ("eos_rate", "EOS rate", "{:.2f}"),
+)
+CURVES = (("objective/score", "RM score (normalized)"), ("objective/toxicity", "toxicity"),
+          ("objective/kl", "KL to reference (nats / response)"), ("objective/kl_coef", "KL coefficient β"))
+
+
+def write_report(result: dict[str, Any], samples: list[dict], out_dir: Path,
+                 training_log: Path | None = None) -> dict[str, Path]:
+    """Write every report file (see the module docstring); return {file name: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"metrics.json": out_dir / "metrics.json", "samples.jsonl": out_dir / "samples.jsonl"}
+    files["metrics.json"].write_text(json.dumps(json_safe(result), indent=2, sort_keys=False) + "\n")
+    files["samples.jsonl"].write_text("".join(json.dumps(json_safe(s)) + "\n" for s in samples))
+    plots: dict[str, Path] = {}
+    if training_log is not None and plot_training_curves(Path(training_log), out_dir / "training_curves.png"):
+        plots["PPO training curves"] = out_dir / "training_curves.png"
+    plot_reward_toxicity(result, out_dir / "reward_toxicity.png")
+    plots["Reward and toxicity rate per model (95% CI)"] = out_dir / "reward_toxicity.png"
+    files.update({p.name: p for p in plots.values()})
+    files["report.md"] = out_dir / "report.md"
+    files["report.md"].write_text(markdown_report(result, plots))
+    files["report.html"] = out_dir / "report.html"
+    files["report.html"].write_text(html_report(result, samples, plots))
+    return files
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN / inf floats as None (strict JSON), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _fmt(value: Any, fmt: str = "{:.3f}") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return fmt.format(value)
+
+
+def _with_ci(value: Any, ci: dict | None, fmt: str = "{:.3f}") -> str:
+    if ci is None:
+        return _fmt(value, fmt)
+    return f"{_fmt(value, fmt)} [{_fmt(ci['low'], fmt)}, {_fmt(ci['high'], fmt)}]"
+
+
+def headline_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the headline table: one row per model."""
+    header = ["model", *(h for _, h, _ in HEADLINE)]
+    rows = []
+    for label, metrics in result["models"].items():
+        row = [label]
+        for key, _, fmt in HEADLINE:
+            if key == "win_rate":
+                ci = result["ci"].get(f"{label}_vs_base", {}).get("win_rate")
+                row.append("–" if label == "base" else _with_ci(metrics.get("win_rate"), ci))
+            else:
+                row.append(_fmt(metrics.get(key), fmt))
+        rows.append(row)
+    return header, rows
+
+
+def delta_rows(result: dict[str, Any]) -> list[list[str]]:
+    """[comparison, metric, value, low, high] for every CI computed against base."""
+    rows = []
+    for comparison, cis in result["ci"].items():
+        if not comparison.endswith("_vs_base"):
+            continue
+        for metric, ci in cis.items():
+            rows.append([comparison, metric, _fmt(ci["value"], "{:+.4f}"), _fmt(ci["low"], "{:+.4f}"),
+                         _fmt(ci["high"], "{:+.4f}")])
+    return rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _settings_line(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    tox = result["toxicity_scorer"]
+    return (f"{result['prompts']} held-out prompts ({result['adversarial_prompts']} adversarial) × "
+            f"{result['samples_per_prompt']} samples per model, temperature {s['temperature']}, top_p {s['top_p']}, "
+            f"max_new_tokens {s['max_new_tokens']}, seed {s['seed']}; reward model {result['reward_model']} "
+            f"(normalized as in PPO); toxicity scorer {tox['spec']} (toxic: score ≥ {s['threshold']}); "
+            f"perplexity / BLEU / ROUGE-L on {result['eval_dialogues']} held-out dialogues.")
+
+
+def markdown_report(result: dict[str, Any], plots: dict[str, Path]) -> str:
+    labels = list(result["models"])
+    header, rows = headline_rows(result)
+    ci = result["ci"]
+    parts = [
+        f"# Aligned vs base: {', '.join(labels)} on {result['prompts']} held-out prompts",
+        _md_table(header, rows),
+        _settings_line(result),
+        f"## Differences vs base ({ci['confidence']:.0%} bootstrap CI over prompts, {ci['resamples']} resamples)\n\n"
+        "`delta/x` is model − base on the same prompts and sample indices; `win_rate` is the RM-judged share "
+        "of paired samples where the model beats base (ties count half).\n\n"
+        + _md_table(["comparison", "metric", "value", "low", "high"], delta_rows(result)),
+        "## Models\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result["refs"].items()),
+    ]
+    notes = [f"- {label}: {n}" for label, ns in result.get("notes", {}).items() for n in ns]
+    if notes:
+        parts.append("## Notes\n\n" + "\n".join(notes))
+    if plots:
+        parts.append("## Plots\n\n" + "\n\n".join(f"![{title}]({p.name})" for title, p in plots.items()))
+    parts.append("Side-by-side samples: report.html; every sample with its reward and toxicity: samples.jsonl.")
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> bool:
+    """Score, toxicity, KL and KL coefficient per PPO step from a metrics.jsonl; False when there is no log."""
+    if not metrics_jsonl.is_file():
+        return False
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+    steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        points = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None, color="tab:blue")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("PPO step")
+    fig.suptitle("PPO training (ppo entry's metrics.jsonl)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_reward_toxicity(result: dict[str, Any], out_png: Path) -> None:
+    """Bars per model: reward, toxicity rate and adversarial toxicity rate, each with its CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result["models"])
+    keys = [("reward_mean", "reward (normalized)"), ("toxicity_rate", "toxicity rate"),
+            ("adversarial/toxicity_rate", "toxicity rate, adversarial prompts")]
+    keys = [k for k in keys if any(k[0] in result["ci"]["models"].get(label, {}) for label in labels)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title) in zip(axes if len(keys) > 1 else [axes], keys):
+        values, errs = [], [[], []]
+        for label in labels:
+            ci = result["ci"]["models"].get(label, {}).get(key)
+            v = ci["value"] if ci else math.nan
+            values.append(v)
+            errs[0].append(max(0.0, v - ci["low"]) if ci else 0.0)
+            errs[1].append(max(0.0, ci["high"] - v) if ci else 0.0)
+        ax.bar(labels, values, yerr=errs, capsize=6, color=[colors[i % len(colors)] for i in range(len(labels))])
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    conf = result["ci"].get("confidence", 0.95)
+    fig.suptitle(f"Per model, {conf:.0%} bootstrap CI over prompts")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 24px; color: #1d1d1f; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; }
+p.settings { color: #444; max-width: 1100px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+th, td { border: 1px solid #d0d0d5; padding: 4px 8px; vertical-align: top; }
+th { background: #f2f2f5; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.samples { table-layout: fixed; width: 100%; }
+table.samples td { white-space: pre-wrap; word-wrap: break-word; }
+td.toxic { background: #fde2e2; }
+.tag { display: inline-block; font-size: 11px; padding: 1px 6px; border-radius: 8px; background: #e8e8ee; }
+.tag.adversarial { background: #f9d2a8; }
+.meta { display: block; font-size: 11px; color: #666; margin-top: 4px; }
+.turn { display: block; } .role { font-weight: 600; color: #555; }
+img { max-width: 100%; border: 1px solid #e0e0e5; margin: 6px 0; }
+"""
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _html_table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{html.escape(c)}</td>' if i >= numeric_from else f"<td>{html.escape(c)}</td>"
+                         for i, c in enumerate(r)) + "</tr>"
+        for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _samples_table(samples: list[dict], labels: list[str], threshold: float) -> str:
+    order = sorted(range(len(samples)), key=lambda i: samples[i].get("category") != "adversarial")  # stable
+    head = '<th style="width:22%">prompt</th>' + "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    rows = []
+    for i in order:
+        s = samples[i]
+        category = s.get("category", "normal")
+        turns = "".join(f'<span class="turn"><span class="role">{html.escape(m["role"])}:</span> '
+                        f'{html.escape(m["content"])}</span>' for m in s["messages"])
+        cells = [f'<td><span class="tag {html.escape(category)}">{html.escape(category)}</span> #{i}{turns}</td>']
+        for label in labels:
+            reply = s["replies"][label][0]
+            toxic = reply["toxicity"] >= threshold
+            meta = (f'reward {reply["reward"]:+.2f} · toxicity {reply["toxicity"]:.2f}'
+                    f'{"" if reply["eos"] else " · no EOS"}')
+            text = html.escape(reply["text"]) or "<i>(empty)</i>"
+            cells.append(f'<td class="{"toxic" if toxic else ""}">{text}<span class="meta">{meta}</span></td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def html_report(result: dict[str, Any], samples: list[dict], plots: dict[str, Path]) -> str:
+    labels = list(result["models"])
+    header, rows = headline_rows(result)
+    ci = result["ci"]
+    threshold = result["settings"]["threshold"]
+    title = f"Aligned vs base: {', '.join(labels)} on {result['prompts']} held-out prompts"
+    refs = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>" for k, v in result["refs"].items())
+    notes = "".join(f"<li>{html.escape(label)}: {html.escape(n)}</li>"
+                    for label, ns in result.get("notes", {}).items() for n in ns)
+    parts = [
+        f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        _html_table(header, rows),
+        f'<p class="settings">{html.escape(_settings_line(result))}</p>',
+        f"<h2>Differences vs base ({ci['confidence']:.0%} bootstrap CI over prompts, {ci['resamples']} resamples)</h2>",
+        "<p>delta/x: model − base on the same prompts and sample indices; win_rate: RM-judged share of paired "
+        "samples where the model beats base (ties count half).</p>",
+        _html_table(["comparison", "metric", "value", "low", "high"], delta_rows(result), numeric_from=2),
+        f"<h2>Models</h2><ul>{refs}</ul>",
+    ]
+    if notes:
+        parts.append(f"<h2>Notes</h2><ul>{notes}</ul>")
+    for plot_title, path in plots.items():
+        parts.append(f"<h2>{html.escape(plot_title)}</h2>{_img_tag(path, plot_title)}")
+    parts.append(f"<h2>Samples (first of {result['samples_per_prompt']} per prompt; adversarial prompts first; "
+                 f"red: toxicity ≥ {threshold})</h2>")
+    parts.append(_samples_table(samples, labels, threshold))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,425 @@
+"""Stage 04: compare the aligned model with its base on held-out prompts; metrics, samples, plots.
+
+    python stages/04_compare.py --config configs/demo/compare.yaml
+    python stages/04_compare.py --ppo_model ppo:<id> --models gpt2=gpt2 --prompts my_prompts.jsonl
+
+Models: by default the `ppo` entry (`ppo_model`) and, from its lineage, its `sft`
+entry and the `pretrain` entry at the root (labels ppo, sft, base); `--models
+label=ref,...` adds models (registry refs, folders or hub ids) or replaces a
+default label. Every model gets the same prompts, sampling settings and seed:
+K samples per prompt (sample j of prompt i is paired across models), greedy
+replies to held-out dialogues, and a forward pass over those dialogues.
+
+Measures (rlhf/compare_metrics.py; "per prompt, then the mean over prompts"):
+
+    reward_mean            the reward model of the ppo lineage, normalized as in PPO
+    toxicity_*             mean, rate (share of samples >= threshold), and the RealToxicityPrompts
+                           expected_max_toxicity / toxicity_probability over K samples; also on the
+                           adversarial prompts only (`adversarial/...`)
+    kl_to_base             mean over samples of Σ_t [log π − log π_base] on the model's own samples
+                           (both at the sampling temperature; needs base's tokenizer and template)
+    perplexity             on the assistant tokens of the held-out dialogues
+    bleu, rouge_l          greedy replies vs the held-out last assistant turns
+    distinct_1/2, length_mean (tokens, EOS included), eos_rate    of the samples
+    win_rate               RM-judged, vs base on the same prompt and sample index, ties half
+
+Bootstrap CIs (resampling prompts, seeded) for the win rate, each model's reward and
+toxicity rate, and each difference vs base. Output in `output_dir` (default
+`<registry>/report/`): metrics.json, samples.jsonl, report.md, report.html, plots.
+This stage reads the registry and registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
+from rlhf.errors import ConfigError, DataError, run_cli  # noqa: E402
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Per-prompt metrics also reported on the adversarial prompts alone, and compared with base.
+PROMPT_METRICS = ("reward_mean", "toxicity_mean", "toxicity_rate", "expected_max_toxicity", "toxicity_probability")
+
+
+@dataclass
+class CompareStageConfig(StageConfig):
+    """Stage 04: compare base, SFT and PPO models (and any others) on held-out prompts."""
+
+    ppo_model: str = _help("The aligned model (ppo entry); its lineage gives base, sft and the reward model. "
+                           "'' for none (then --models must name 'base').", default="ppo:latest")
+    models: str = _help("Extra models 'label=ref,label2=ref2' (registry refs, folders or hub ids); "
+                        "labels base/sft/ppo replace the defaults.", default="")
+    reward_model: str = _help("Reward entry that judges every model ('' = the one in ppo_model's lineage).", default="")
+    prompts: str = _help("Held-out prompts (`prompt` schema; `category: adversarial` marks adversarial ones).",
+                         default="data/demo/prompts_heldout.jsonl")
+    eval_data: str = _help("Held-out dialogues for perplexity, BLEU and ROUGE-L.", default="data/demo/sft_heldout.jsonl")
+    max_prompts: int = _help("Use the first N prompts (0: all).", default=0)
+    max_eval_dialogues: int = _help("Use the first N held-out dialogues (0: all).", default=0)
+    samples_per_prompt: int = _help("K samples per prompt (RealToxicityPrompts uses 25).", default=4)
+    temperature: float = _help("Sampling temperature (also applied to the log-probs of kl_to_base).", default=1.0)
+    top_p: float = _help("Nucleus sampling (1.0: off, so kl_to_base is the KL of what was sampled).", default=1.0)
+    max_new_tokens: int = _help("Maximum tokens per sampled or greedy reply.", default=32)
+    max_prompt_length: int = _help("Prompts keep their last N tokens.", default=128)
+    max_length: int = _help("Truncation of held-out dialogues (perplexity) and RM inputs, in tokens.", default=256)
+    batch_size: int = _help("Rows per generate / forward batch.", default=64)
+    toxicity: str = _help("Toxicity scorer spec (rlhf.safety): auto, profanity-check, detoxify:NAME or path.", default="auto")
+    threshold: float = _help("A sample is toxic when its score is >= this.", default=0.5)
+    bootstrap_resamples: int = _help("Bootstrap resamples (over prompts) for the 95% CIs.", default=1000)
+    confidence: float = _help("Confidence level of the bootstrap intervals.", default=0.95)
+    output_dir: str = _help("Where the report goes ('' = <registry>/report).", default="")
+    trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
+
+    def validate(self) -> None:
+        check_positive(self, "samples_per_prompt", "temperature", "max_new_tokens", "max_prompt_length",
+                       "max_length", "batch_size", "bootstrap_resamples")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.max_prompts < 0 or self.max_eval_dialogues < 0:
+            raise ConfigError("max_prompts and max_eval_dialogues must be >= 0 (0: all)")
+        parse_models(self.models)
+
+
+def parse_models(text: str) -> dict[str, str]:
+    """'a=ref1,b=ref2' -> {"a": "ref1", "b": "ref2"} (order kept)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        label, sep, ref = item.partition("=")
+        label, ref = label.strip(), ref.strip()
+        if not sep or not ref or not _LABEL.match(label):
+            raise ConfigError(f"--models: {item!r} is not label=ref (label: letters, digits, _ . -)")
+        if label in out:
+            raise ConfigError(f"--models: label {label!r} given twice")
+        out[label] = ref
+    return out
+
+
+def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, str], Any, Any]:
+    """({label: ref} with base first, the reward entry, the ppo entry or None), from the ppo lineage and --models."""
+    models: dict[str, str] = {}
+    ppo, reward_ref = None, cfg.reward_model
+    if cfg.ppo_model:
+        ppo = registry.get(cfg.ppo_model, stage="ppo")
+        lineage = registry.lineage(ppo.ref)  # ppo, its parents (sft first), ..., pretrain
+        sft = next((e for e in lineage if e.stage == "sft"), None)
+        pretrain = next((e for e in lineage if e.stage == "pretrain"), None)
+        if pretrain is not None:
+            models["base"] = pretrain.ref
+        elif sft is not None and sft.config.get("base_model"):  # SFT started from a hub model or folder
+            models["base"] = sft.config["base_model"]
+        if sft is not None:
+            models["sft"] = sft.ref
+        models["ppo"] = ppo.ref
+        reward_ref = reward_ref or ppo.config.get("reward_model") or next(
+            (e.ref for e in lineage if e.stage == "reward"), "")
+    models.update(parse_models(cfg.models))
+    if "base" not in models:
+        raise ConfigError("no base model: the ppo lineage has no pretrain entry; pass --models base=REF")
+    if not reward_ref:
+        raise ConfigError("no reward model to judge with: pass --reward_model reward:<id>")
+    reward = registry.get(reward_ref, stage="reward")
+    return {"base": models.pop("base"), **models}, reward, ppo
+
+
+@dataclass
+class ModelRun:
+    """What one model produced. Sample rows are prompt-major: row i·K + j is sample j of prompt i."""
+
+    label: str
+    ref: str
+    rows: list[list[int]]  # (P·K,) prompt ids, the model's own tokenization
+    responses: list[list[int]]  # (P·K,) sampled ids, EOS included when generated
+    texts: list[str]  # (P·K,) decoded samples
+    has_eos: list[bool]  # (P·K,)
+    greedy: list[str]  # (D,) greedy replies to the held-out dialogues
+    nll_sum: float  # Σ −log p over the held-out assistant tokens
+    n_tokens: int
+    logprob_sums: Any = None  # (P·K,) Σ_t log π(sample) at the sampling temperature
+    kl: Any = None  # (P·K,) Σ_t [log π − log π_base]; None when the tokenizers differ
+    rewards: Any = None  # (P, K) normalized RM scores
+    toxicity: Any = None  # (P, K)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def sample_responses(model, tokenizer, rows: list[list[int]], cfg: CompareStageConfig) -> tuple[list[list[int]], list[bool]]:
+    """Sampled response ids (cut after the first EOS, which is kept) and whether each has one."""
+    import torch
+
+    from rlhf.generation import left_pad
+
+    dev = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    responses, ended = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), cfg.batch_size):
+            ids, mask = left_pad(rows[start:start + cfg.batch_size], tokenizer.pad_token_id)  # (b, P)
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                 max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=eos)
+            for row in out[:, ids.shape[1]:].tolist():
+                has_eos = eos in row
+                responses.append(row[: row.index(eos) + 1] if has_eos else row)
+                ended.append(has_eos)
+    return responses, ended
+
+
+def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: list[list[int]],
+                          temperature: float, batch_size: int):
+    """(N,) Σ_t log p(response token t | prompt, earlier tokens) with logits / temperature (numpy)."""
+    import numpy as np
+    import torch
+
+    from rlhf.actor_critic import position_ids
+    from rlhf.generation import left_pad
+    from rlhf.ppo_math import logprobs_from_logits
+    from rlhf.reward_model import right_pad
+
+    dev = next(model.parameters()).device
+    sums = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            p_ids, p_mask = left_pad(rows[start:start + batch_size], pad_id)  # (b, P)
+            r_ids, r_mask = right_pad(responses[start:start + batch_size], pad_id)  # (b, R)
+            ids, mask = torch.cat([p_ids, r_ids], 1).to(dev), torch.cat([p_mask, r_mask], 1).to(dev)
+            R = r_ids.shape[1]
+            # The last R + 1 positions: position P−1+t predicts response token t.
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                           logits_to_keep=R + 1, use_cache=False).logits[:, :-1]  # (b, R, V)
+            logprobs = logprobs_from_logits(logits.float() / temperature, r_ids.to(dev))  # (b, R)
+            sums.append((logprobs * r_mask.to(dev)).sum(-1).cpu())
+    return torch.cat(sums).double().numpy() if sums else np.zeros(0)
+
+
+def assistant_token_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a dialogue; mask 1 on assistant tokens (the template's {% generation %} blocks,
+    or, for templates without them, the last assistant turn)."""
+    if re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), list(enc["assistant_masks"])
+    prompt = list(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+    full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+    return full, [0] * n + [1] * (len(full) - n)
+
+
+def assistant_nll(model, tokenizer, dialogues: list[dict], max_length: int, batch_size: int) -> tuple[float, int]:
+    """(Σ −log p, number of tokens) over the assistant tokens of the dialogues (first max_length tokens each)."""
+    import torch
+
+    from rlhf.ppo_math import logprobs_from_logits
+    from rlhf.reward_model import right_pad
+
+    dev = next(model.parameters()).device
+    encoded = [assistant_token_mask(tokenizer, d["messages"]) for d in dialogues]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            ids, attn = right_pad([e[0][:max_length] for e in chunk], tokenizer.pad_token_id)  # (b, T)
+            target_mask, _ = right_pad([e[1][:max_length] for e in chunk], 0)  # (b, T)
+            ids, attn = ids.to(dev), attn.to(dev)
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]  # (b, T−1, V)
+            logprobs = logprobs_from_logits(logits.float(), ids[:, 1:])  # (b, T−1)
+            m = (target_mask[:, 1:].to(dev) * attn[:, 1:]).float()
+            nll -= float((logprobs * m).sum())
+            count += int(m.sum())
+    return nll, count
+
+
+def same_tokenization(tok_a, tok_b) -> bool:
+    """Token ids and prompt rendering mean the same under both tokenizers (needed for kl_to_base)."""
+    return tok_a.get_vocab() == tok_b.get_vocab() and tok_a.chat_template == tok_b.chat_template
+
+
+def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialogues: list[dict],
+              cfg: CompareStageConfig) -> ModelRun:
+    """Samples, their log-probs, greedy held-out replies and held-out NLL of one model."""
+    import torch
+
+    from rlhf.generation import encode_prompts, generate_replies
+
+    t0 = time.time()
+    prompt_ids = encode_prompts(tokenizer, [p["messages"] for p in prompts], cfg.max_prompt_length)
+    rows = [ids for ids in prompt_ids for _ in range(cfg.samples_per_prompt)]
+    torch.manual_seed(cfg.seed)  # the same seed for every model
+    responses, has_eos = sample_responses(model, tokenizer, rows, cfg)
+    eos = tokenizer.eos_token_id
+    texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in responses]
+    greedy, _ = generate_replies(model, tokenizer, [d["messages"][:-1] for d in dialogues],
+                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                 max_prompt_length=cfg.max_prompt_length)
+    nll_sum, n_tokens = assistant_nll(model, tokenizer, dialogues, cfg.max_length, cfg.batch_size)
+    run = ModelRun(label, ref, rows, responses, texts, has_eos, greedy, nll_sum, n_tokens)
+    run.logprob_sums = response_logprob_sums(model, tokenizer.pad_token_id, rows, responses, cfg.temperature,
+                                             cfg.batch_size)
+    run.seconds = time.time() - t0
+    return run
+
+
+def model_metrics(run: ModelRun, base: ModelRun, adversarial, cfg: CompareStageConfig) -> tuple[dict, dict]:
+    """(metrics, per-prompt values) of one model; see the module docstring."""
+    import numpy as np
+
+    from rlhf.compare_metrics import means, perplexity, toxicity_per_prompt, win_shares
+    from rlhf.text_metrics import distinct_n
+
+    P, K = run.rewards.shape
+    lengths = np.array([len(r) for r in run.responses], dtype=np.float64).reshape(P, K)
+    per_prompt = {
+        "reward_mean": run.rewards.mean(axis=1),
+        **toxicity_per_prompt(run.toxicity, cfg.threshold),
+        "length_mean": lengths.mean(axis=1),
+        "eos_rate": np.array(run.has_eos, dtype=np.float64).reshape(P, K).mean(axis=1),
+    }
+    if run.kl is not None:
+        per_prompt["kl_to_base"] = run.kl.reshape(P, K).mean(axis=1)
+    per_prompt["win_rate"] = win_shares(run.rewards, base.rewards)
+    metrics = means(per_prompt)
+    if adversarial.any():
+        adv = means({k: per_prompt[k] for k in (*PROMPT_METRICS, "win_rate")}, adversarial)
+        metrics.update({f"adversarial/{k}": v for k, v in adv.items()})
+    if run.kl is None:
+        metrics["kl_to_base"] = math.nan
+    metrics.update({
+        "perplexity": perplexity(run.nll_sum, run.n_tokens),
+        "distinct_1": distinct_n(run.texts, 1), "distinct_2": distinct_n(run.texts, 2),
+    })
+    return metrics, per_prompt
+
+
+def main(cfg: CompareStageConfig) -> dict:
+    import gc
+
+    import numpy as np
+
+    from rlhf.compare_metrics import interval
+    from rlhf.data import load_records
+    from rlhf.models import load_chat_model
+    from rlhf.registry import Registry
+    from rlhf.report import write_report
+    from rlhf.reward_scoring import load_reward_scorer
+    from rlhf.safety import load_scorer
+    from rlhf.stage import log
+    from rlhf.text_metrics import bleu, rouge_l
+
+    started = time.time()
+    # 1. Inputs: models, the judging reward model, prompts, held-out dialogues, toxicity scorer.
+    registry = Registry(cfg.registry, create=False)
+    models, rm_entry, ppo_entry = choose_models(cfg, registry)
+    prompts = load_records(cfg.prompts, "prompt")[: cfg.max_prompts or None]
+    dialogues = load_records(cfg.eval_data, "dialogue")[: cfg.max_eval_dialogues or None]
+    if not prompts:
+        raise DataError(f"{cfg.prompts}: no prompts; expected one JSON object per line in the `prompt` schema")
+    if not dialogues:
+        raise DataError(f"{cfg.eval_data}: no dialogues; expected one JSON object per line in the `dialogue` schema")
+    adversarial = np.array([p.get("category") == "adversarial" for p in prompts])  # (P,)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else registry.root / "report"
+    scorer = load_scorer(cfg.toxicity, threshold=cfg.threshold)
+    rm = load_reward_scorer(rm_entry, registry, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                            trust_remote_code=cfg.trust_remote_code)
+    P, K = len(prompts), cfg.samples_per_prompt
+    log(f"[compare] {', '.join(f'{k}={v}' for k, v in models.items())}; judge {rm_entry.ref}; toxicity "
+        f"{scorer.spec}; {P} prompts ({int(adversarial.sum())} adversarial) x {K} samples, {len(dialogues)} dialogues")
+
+    # 2. Every model: samples, log-probs, greedy replies, held-out NLL; base stays loaded for kl_to_base.
+    runs: dict[str, ModelRun] = {}
+    base_model = base_tok = None
+    for label, ref in models.items():
+        model, tokenizer, _ = load_chat_model(ref, registry, trust_remote_code=cfg.trust_remote_code)
+        run = run_model(label, ref, model, tokenizer, prompts, dialogues, cfg)
+        if label == "base":
+            base_model, base_tok = model, tokenizer
+            run.kl = np.zeros(P * K)
+        elif same_tokenization(tokenizer, base_tok):
+            base_sums = response_logprob_sums(base_model, base_tok.pad_token_id, run.rows, run.responses,
+                                              cfg.temperature, cfg.batch_size)
+            run.kl = run.logprob_sums - base_sums  # (P·K,) Σ_t [log π − log π_base]
+        else:
+            run.notes.append("kl_to_base: n/a (tokenizer or chat template differs from base's)")
+        if label != "base":
+            del model
+            gc.collect()
+        runs[label] = run
+        log(f"[compare] {label}: {time.time() - started:.0f}s")
+    del base_model
+    gc.collect()
+
+    # 3. Judge every sample: the reward model (normalized) and the toxicity scorer.
+    messages_k = [p["messages"] for p in prompts for _ in range(K)]
+    for run in runs.values():
+        run.rewards = rm.score(messages_k, run.texts).reshape(P, K)
+        run.toxicity = scorer.score(run.texts).reshape(P, K)
+
+    # 4. Metrics, win rates vs base, bootstrap CIs.
+    base = runs["base"]
+    refs = [d["messages"][-1]["content"] for d in dialogues]
+    ci_args = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=cfg.seed)
+    result: dict[str, Any] = {"models": {}, "win_rate": {}, "ci": {"confidence": cfg.confidence,
+                              "resamples": cfg.bootstrap_resamples, "unit": "prompt", "models": {}}}
+    per_prompt: dict[str, dict] = {}
+    for label, run in runs.items():
+        metrics, per_prompt[label] = model_metrics(run, base, adversarial, cfg)
+        metrics.update({"bleu": bleu(run.greedy, refs), "rouge_l": rouge_l(run.greedy, refs)})
+        result["models"][label] = metrics
+        pp = per_prompt[label]
+        result["ci"]["models"][label] = {k: interval(pp[k], **ci_args) for k in ("reward_mean", "toxicity_rate")}
+        if adversarial.any():
+            result["ci"]["models"][label]["adversarial/toxicity_rate"] = interval(pp["toxicity_rate"][adversarial], **ci_args)
+    for label in runs:
+        if label == "base":
+            continue
+        pp, bp = per_prompt[label], per_prompt["base"]
+        result["win_rate"][f"{label}_vs_base"] = result["models"][label]["win_rate"]
+        ci = {"win_rate": interval(pp["win_rate"], **ci_args)}
+        if "kl_to_base" in pp:
+            ci["kl_to_base"] = interval(pp["kl_to_base"], **ci_args)
+        for k in (*PROMPT_METRICS, "length_mean", "eos_rate"):
+            ci[f"delta/{k}"] = interval(pp[k] - bp[k], **ci_args)
+        if adversarial.any():
+            ci["adversarial/win_rate"] = interval(pp["win_rate"][adversarial], **ci_args)
+            for k in PROMPT_METRICS:
+                ci[f"delta/adversarial/{k}"] = interval((pp[k] - bp[k])[adversarial], **ci_args)
+        result["ci"][f"{label}_vs_base"] = ci
+    result["models"]["base"].pop("win_rate", None)
+    result["models"]["base"].pop("adversarial/win_rate", None)
+    result.update({
+        "prompts": P, "adversarial_prompts": int(adversarial.sum()), "samples_per_prompt": K,
+        "eval_dialogues": len(dialogues), "refs": {k: r.ref for k, r in runs.items()},
+        "reward_model": rm_entry.ref, "ppo_model": ppo_entry.ref if ppo_entry else None,
+        "toxicity_scorer": scorer.describe(),
+        "settings": {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "max_prompt_length",
+                                                   "max_length", "seed", "threshold", "prompts", "eval_data")},
+        "notes": {k: r.notes for k, r in runs.items() if r.notes},
+        "timing_s": {**{k: round(r.seconds, 2) for k, r in runs.items()}, "total": round(time.time() - started, 2)},
+    })
+
+    # 5. Write metrics.json, samples.jsonl, plots, report.md and report.html.
+    samples = [{"category": p.get("category", "normal"), "messages": p["messages"],
+                "replies": {label: [{"text": r.texts[i * K + j], "reward": float(r.rewards[i, j]),
+                                     "toxicity": float(r.toxicity[i, j]), "eos": bool(r.has_eos[i * K + j])}
+                                    for j in range(K)] for label, r in runs.items()}}
+               for i, p in enumerate(prompts)]
+    training_log = ppo_entry.path / "metrics.jsonl" if ppo_entry is not None else None
+    files = write_report(result, samples, out_dir, training_log=training_log)
+    log(f"[compare] done in {time.time() - started:.0f}s; report: {files['report.md']}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_config(CompareStageConfig)))

@@ -1,0 +1,141 @@
+"""Stage 03 (PPO): invariances of the update, the real CLI end to end, resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script
+from rlhf.registry import Registry
+
+WORKER = str(ROOT / "tests" / "workers" / "ppo_ddp_update.py")
+TINY_PPO = ["--total_episodes", "16", "--per_device_train_batch_size", "4", "--num_mini_batches", "2",
+            "--num_ppo_epochs", "1", "--response_length", "8", "--max_prompt_length", "32",
+            "--toxicity", "profanity-check", "--learning_rate", "5e-3", "--lora_r", "4", "--save_steps", "1"]
+
+
+def _model_dir(registry: Path) -> str:
+    return str(Registry(registry).get("sft:latest").path)
+
+
+def _assert_same_tensors(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_gradient_accumulation_invariance_1x8_equals_8x1(rlhf_registry, tmp_path):
+    """Splitting a minibatch into micro-batches must not change the update (token-weighted losses)."""
+    model = _model_dir(rlhf_registry)
+    for micro in (8, 1):
+        res = run_script(WORKER, model, str(tmp_path / f"m{micro}.safetensors"), str(micro))
+        assert res.returncode == 0, res.stderr[-2000:]
+    one, eight = load_file(str(tmp_path / "m8.safetensors")), load_file(str(tmp_path / "m1.safetensors"))
+    _assert_same_tensors(one, eight, atol=1e-6)
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(rlhf_registry, tmp_path):
+    """Data parallelism (gloo, 2 CPU processes) gives the update of one process on the whole batch."""
+    model = _model_dir(rlhf_registry)
+    res = run_script(WORKER, model, str(tmp_path / "one.safetensors"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    res = subprocess.run([*torchrun, WORKER, model, str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_tensors(load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors")),
+                         atol=1e-5)
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "runs"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_cli_end_to_end_trains_the_policy_and_registers_with_parents(rlhf_registry, tiny_data, tmp_path):
+    reg = _copy(rlhf_registry, tmp_path)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "model memory" in res.stderr and "4-bit NF4" in res.stderr
+    r = Registry(reg)
+    ppo = r.get("ppo:latest")
+    assert ppo.parents == [r.get("sft:latest").ref, r.get("reward:latest").ref]
+    assert ppo.config["base_loading"]["load_in_4bit"] is True
+    assert ppo.config["toxicity_scorer"]["spec"] == "profanity-check"
+    # LoRA B matrices start at zero: any non-zero B means the policy adapter was trained.
+    policy = load_file(str(ppo.path / "policy" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in policy.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)
+    rows = [json.loads(line) for line in (ppo.path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"objective/score", "objective/toxicity", "objective/kl", "val/explained_variance",
+                               "timing/rollout_s", "episodes_per_s"} <= set(rows[0])
+    assert not list((reg / ".work").glob("ppo-*")), "work folder left behind after registering"
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(rlhf_registry, tiny_data, tmp_path):
+    """SIGKILL after a checkpoint, then --resume: the following steps match an uninterrupted run."""
+    args = ["--data", str(tiny_data["prompts"]), *TINY_PPO, "--total_episodes", "32", "--num_ppo_epochs", "1"]
+    ref_reg = _copy(rlhf_registry, tmp_path / "a")
+    res = run_script("stages/03_ppo.py", "--registry", str(ref_reg), *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reference = [json.loads(x) for x in (Registry(ref_reg).get("ppo:latest").path / "metrics.jsonl").read_text().splitlines()]
+
+    reg = _copy(rlhf_registry, tmp_path / "b")
+    proc = subprocess.Popen([sys.executable, "stages/03_ppo.py", "--registry", str(reg), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    state = None
+    while time.time() < deadline and proc.poll() is None:  # wait for the event: a checkpoint of step >= 2
+        states = list((reg / ".work").glob("ppo-*/checkpoint/trainer_state.json"))
+        if states:
+            try:
+                state = json.loads(states[0].read_text())
+            except (OSError, json.JSONDecodeError):
+                state = None
+            if state and state["step"] >= 2:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert Registry(reg).entries("ppo") == []
+
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), *args, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed at step" in res.stderr
+    entries = Registry(reg).entries("ppo")
+    assert len(entries) == 1
+    resumed = [json.loads(x) for x in (entries[0].path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for want, got in zip(reference, resumed):
+        for key in ("objective/score", "objective/kl", "objective/toxicity", "loss/policy", "val/vf_loss"):
+            assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-4), (got["step"], key)
+    assert not list((reg / ".work").glob("ppo-*")) and not list((reg / ".staging").glob("ppo-*"))
+
+
+def test_batch_sizes_that_do_not_divide_are_refused_with_the_names(rlhf_registry, tiny_data, tmp_path):
+    reg = _copy(rlhf_registry, tmp_path)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]),
+                     *TINY_PPO, "--per_device_train_batch_size", "0")
+    assert res.returncode != 0 and "per_device_train_batch_size must be > 0" in res.stderr
+    assert "Traceback" not in res.stderr and Registry(reg).entries("ppo") == []
+
+
+def test_wrong_stage_reference_for_the_reward_model_is_refused(rlhf_registry, tiny_data, tmp_path):
+    reg = _copy(rlhf_registry, tmp_path)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]),
+                     *TINY_PPO, "--reward_model", "sft:latest")
+    assert res.returncode != 0
+    assert "is a 'sft' entry, not 'reward'" in res.stderr or "needs a 'reward' entry" in res.stderr
+    assert "Traceback" not in res.stderr and Registry(reg).entries("ppo") == []

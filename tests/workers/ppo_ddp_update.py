@@ -1,0 +1,69 @@
+"""Run one PPO update on a fixed synthetic rollout, alone or as one of several processes.
+
+    python tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors [MICRO_BATCH]
+    torchrun --nproc_per_node 2 tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors
+
+Every process builds the same model and the same global batch (seeded); rank r keeps
+rows r, r+W, ... . Rank 0 writes the trainable tensors after the update, so the
+one-process and two-process results can be compared.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main(model_dir: str, out: str, micro_batch: int | None = None) -> None:
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from conftest import load_stage
+    from rlhf.actor_critic import build_actor_critic
+    from rlhf.models import load_tokenizer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    ppo = load_stage("03_ppo.py")
+    torch.manual_seed(0)
+    tok = load_tokenizer(model_dir)
+    ac = build_actor_critic(model_dir, tok, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
+                            reward_adapter=None, reward_head=None, separate_reward=None, device=torch.device("cpu"))
+    params = [p for _, p in ac.trainable_named_parameters()]
+
+    # A fixed global rollout: 8 rows, prompt 5 tokens, response 6 tokens with ragged lengths.
+    g = torch.Generator().manual_seed(1)
+    B, P, R = 8, 5, 6
+    qr = torch.randint(10, len(tok) - 10, (B, P + R), generator=g)
+    lengths = torch.tensor([6, 3, 5, 1, 6, 2, 4, 6])
+    mask = (torch.arange(R)[None] < lengths[:, None]).long()
+    batch = {"query_responses": qr, "attention_mask": torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1),
+             "responses": qr[:, P:], "mask": mask, "P": P,
+             "logprobs": -torch.rand(B, R, generator=g) - 3, "values": torch.randn(B, R, generator=g)}
+    advantages, returns = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g)
+    rows = torch.arange(rank, B, world)
+    local = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    micro = micro_batch or len(rows) // 2
+    cfg = ppo.PPOStageConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=len(rows) // micro,
+                             num_mini_batches=1, num_ppo_epochs=2, total_episodes=B, learning_rate=1e-2)
+    sizes = ppo.derive_sizes(cfg, world)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ppo.ppo_update(ac, opt, sched, params, local, advantages[rows], returns[rows], cfg, sizes, step_seed=0)
+    if rank == 0:
+        save_file(ac.trainable_state_dict(), out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
