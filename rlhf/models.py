@@ -51,6 +51,9 @@ def is_registry_ref(ref: str) -> bool:
 def resolve_model(ref: str, registry: Registry, stages: tuple[str, ...] = STAGES) -> ResolvedModel:
     """Resolve a model reference (see module docstring); `stages` are the registry stages accepted."""
     if is_registry_ref(ref):
+        if ref.split(":", 1)[0] not in stages:
+            raise RegistryError(f"{ref}: is a '{ref.split(':', 1)[0]}' entry, but this needs a "
+                                f"{' or '.join(repr(s) for s in stages)} entry")
         entry = registry.get(ref, stage=stages)
         return ResolvedModel(ref=ref, path=str(entry.path), entry=entry)
     path = Path(ref).expanduser()

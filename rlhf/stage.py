@@ -46,7 +46,9 @@ class StageRun:
 
     def last_checkpoint(self) -> str | None:
         """The newest `checkpoint-N` folder in the work folder, or None."""
-        ckpts = [p for p in self.work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        # trainer_state.json is written last: a checkpoint without it was cut off mid-save.
+        ckpts = [p for p in self.work_dir.glob("checkpoint-*")
+                 if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
         if not ckpts:
             return None
         return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))

@@ -55,6 +55,8 @@ class PretrainConfig(StageConfig):
                        "logging_steps", "save_steps")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 < self.eval_fraction < 0.5:
             raise ConfigError(f"eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
 
@@ -95,11 +97,6 @@ def pack(texts: list[str], tokenizer, block_size: int) -> list[list[int]]:
 
 
 def main(cfg: PretrainConfig) -> None:
-    import torch
-    from datasets import Dataset
-    from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, Trainer,
-                              TrainingArguments)
-
     from rlhf.data import fingerprint, load_records
     from rlhf.models import fit_embeddings, load_model, load_tokenizer, resolve_model
     from rlhf.registry import Registry
@@ -113,6 +110,10 @@ def main(cfg: PretrainConfig) -> None:
     run = begin("pretrain", cfg, inputs)
     if run.reused:
         return
+    import torch  # heavy imports after the inputs are known to be good: bad input fails in a second
+    from datasets import Dataset
+    from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, Trainer,
+                              TrainingArguments)
 
     # 2. Tokenizer and model.
     if base is None:

@@ -61,6 +61,8 @@ class SFTStageConfig(StageConfig):
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         check_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                        "max_length", "lora_r", "logging_steps", "save_steps")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 def lora_config(cfg: SFTStageConfig, task_type: str = "CAUSAL_LM"):
@@ -98,10 +100,6 @@ def merge_lora(base_path: str, adapter_dir: Path, tokenizer, trust_remote_code: 
 
 
 def main(cfg: SFTStageConfig) -> None:
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     from rlhf.data import fingerprint, load_records
     from rlhf.models import (check_vocab, context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
                              set_cpu_4bit_packing)
@@ -116,6 +114,9 @@ def main(cfg: SFTStageConfig) -> None:
     run = begin("sft", cfg, {**data_fps, "model": base.entry.ref if base.entry else cfg.model})
     if run.reused:
         return
+    import torch  # heavy imports after the inputs are known to be good: bad input fails in a second
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
 
     # 2. Model: full precision, or 4-bit NF4 for QLoRA; LoRA adapters for lora/qlora.
     tokenizer = load_tokenizer(base.path, cfg.trust_remote_code)

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow
 # Small and quick: 4 optimizer steps of 8 dialogues, short replies for BLEU/ROUGE-L.
 TINY_SFT = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--gen_eval_samples", "4",
             "--max_new_tokens", "8", "--logging_steps", "2"]
+# One intra-op thread: the models are tiny, and on a busy 2-core machine a second thread only adds CPU time.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SFT_METRICS = ("eval_loss", "eval_perplexity", "base_eval_perplexity", "bleu", "rouge_l")
 
 
@@ -33,7 +35,7 @@ def _copy(registry: Path, dst: Path) -> Path:
 
 def _sft(reg: Path, data: dict[str, Path], *extra: str, model: str = "pretrain:latest"):
     return run_script("stages/01_sft.py", "--model", model, "--data", str(data["sft"]),
-                      "--eval_data", str(data["sft_eval"]), "--registry", str(reg), *TINY_SFT, *extra)
+                      "--eval_data", str(data["sft_eval"]), "--registry", str(reg), *TINY_SFT, *extra, env=ONE_THREAD)
 
 
 def _only_sft_entry(reg: Path) -> Entry:
@@ -175,7 +177,8 @@ def test_lora_keeps_adapter_and_saves_a_merged_plain_model(pretrained_registry, 
     from transformers import AutoModelForCausalLM
 
     reg = _copy(pretrained_registry, tmp_path / "runs")
-    res = _sft(reg, tiny_data, "--mode", "lora", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2")
+    res = _sft(reg, tiny_data, "--mode", "lora", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+               "--max_steps", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     entry = _only_sft_entry(reg)
     assert (entry.path / "adapter" / "adapter_config.json").is_file()
