@@ -16,18 +16,21 @@ A difference vs base is paired (same prompts, same sample index), so its
 bootstrap resamples prompt indices once for both models, which is the bootstrap
 of the per-prompt differences: `bootstrap_ci(per_prompt_model - per_prompt_base)`.
 
-Import cost: numpy only; torch is imported by the one function that takes tensors.
+`kl_to_base` of a sample is Σ_t [log π(y_t) − log π_base(y_t)] over its tokens (EOS included), both at
+the sampling temperature: the k1 estimate, whose mean over samples drawn from π is KL(π || π_base)
+per response. The stage computes the two sums with a forward pass each and subtracts them.
+
+Import cost: numpy only.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+# Per-prompt metrics also reported on the adversarial prompts alone and compared with base.
+PROMPT_METRICS = ("reward_mean", "toxicity_mean", "toxicity_rate", "expected_max_toxicity", "toxicity_probability")
 
 
 def win_shares(scores: np.ndarray, base_scores: np.ndarray) -> np.ndarray:
@@ -72,8 +75,14 @@ def means(per_prompt: dict[str, np.ndarray], select: np.ndarray | None = None) -
         v = np.asarray(values, dtype=np.float64)
         if select is not None:
             v = v[select]
-        out[name] = float(v.mean()) if v.size else math.nan
+        out[name] = mean(v)
     return out
+
+
+def mean(values: np.ndarray) -> float:
+    """Exactly rounded mean (math.fsum), so constant data has its constant as mean; NaN when empty."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    return math.fsum(v.tolist()) / v.size if v.size else math.nan
 
 
 def bootstrap_ci(
@@ -92,30 +101,70 @@ def bootstrap_ci(
         return math.nan, math.nan
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    lo, hi = float(v.min()), float(v.max())
+    if lo == hi:
+        return lo, hi
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, v.size, size=(n_resamples, v.size))  # (R, P)
     stats = v[idx].mean(axis=1)  # (R,)
     alpha = (1.0 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1.0 - alpha])
-    # Clamp into the observed range: quantile interpolation can step a float ulp outside it.
-    return float(max(low, v.min())), float(min(high, v.max()))
+    # Clamp into the observed range: summation error can step a float ulp outside it.
+    return min(max(float(low), lo), hi), max(min(float(high), hi), lo)
 
 
 def interval(values: np.ndarray, *, n_resamples: int, confidence: float, seed: int) -> dict[str, float]:
     """{"value": mean, "low": .., "high": ..} of (P,) per-prompt values (a metric, or a paired difference)."""
     v = np.asarray(values, dtype=np.float64)
     low, high = bootstrap_ci(v, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    return {"value": float(v.mean()) if v.size else math.nan, "low": low, "high": high}
+    return {"value": mean(v), "low": low, "high": high}
 
 
-def sequence_log_ratio(logprobs: "torch.Tensor", ref_logprobs: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
-    """(B,) Σ_t mask·(log π − log π_ref): the k1 KL estimate of each sampled response (sampled from π).
+def per_prompt_metrics(rewards: np.ndarray, base_rewards: np.ndarray, toxicity: np.ndarray, lengths: np.ndarray,
+                       has_eos: np.ndarray, kl: np.ndarray | None = None,
+                       threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """{metric: (P,)} from (P, K) per-sample arrays (see the module docstring).
 
-    logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens under the model and the base,
-    both at the sampling temperature; mask: (B, T) 1 on real response tokens (up to and including EOS).
-    Its mean over samples is an unbiased estimate of KL(π || π_ref) per response.
+    rewards / base_rewards  normalized RM scores of the model's and base's sample (i, j)
+    toxicity                scores in [0, 1];  lengths: response tokens;  has_eos: 0/1
+    kl                      Σ_t [log π − log π_base] of each sample, or None (then no kl_to_base)
     """
-    return ((logprobs - ref_logprobs) * mask).sum(dim=-1)
+    out = {
+        "reward_mean": _check_2d(rewards).mean(axis=1),
+        **toxicity_per_prompt(toxicity, threshold),
+        "length_mean": _check_2d(lengths).mean(axis=1),
+        "eos_rate": _check_2d(has_eos).mean(axis=1),
+        "win_rate": win_shares(rewards, base_rewards),
+    }
+    if kl is not None:
+        out["kl_to_base"] = _check_2d(kl).mean(axis=1)
+    return out
+
+
+def summarize(per_prompt: dict[str, np.ndarray], adversarial: np.ndarray) -> dict[str, float]:
+    """Means over all prompts, plus `adversarial/<m>` over the adversarial ones (when there are any)."""
+    out = means(per_prompt)
+    if adversarial.any():
+        keys = [k for k in (*PROMPT_METRICS, "win_rate") if k in per_prompt]
+        out.update({f"adversarial/{k}": v for k, v in means({k: per_prompt[k] for k in keys}, adversarial).items()})
+    return out
+
+
+def intervals_vs_base(per_prompt: dict[str, np.ndarray], base: dict[str, np.ndarray], adversarial: np.ndarray, *,
+                      n_resamples: int, confidence: float, seed: int) -> dict[str, dict[str, float]]:
+    """Bootstrap intervals of a model against base: `win_rate`, `kl_to_base`, and `delta/<m>` = model − base
+    (paired per prompt) for every per-prompt metric, also `adversarial/...` on the adversarial prompts."""
+    ci_args = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
+    out = {"win_rate": interval(per_prompt["win_rate"], **ci_args)}
+    if "kl_to_base" in per_prompt:
+        out["kl_to_base"] = interval(per_prompt["kl_to_base"], **ci_args)
+    for k in (*PROMPT_METRICS, "length_mean", "eos_rate"):
+        out[f"delta/{k}"] = interval(per_prompt[k] - base[k], **ci_args)
+    if adversarial.any():
+        out["adversarial/win_rate"] = interval(per_prompt["win_rate"][adversarial], **ci_args)
+        for k in PROMPT_METRICS:
+            out[f"delta/adversarial/{k}"] = interval((per_prompt[k] - base[k])[adversarial], **ci_args)
+    return out
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:

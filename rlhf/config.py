@@ -209,7 +209,7 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
     fields = _fields(cls)
     for name, f in fields.items():
         inner, _ = _base_type(f.type)
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         if f.default is not dataclasses.MISSING:
             help_text += f" (default: {f.default})"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}

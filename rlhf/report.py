@@ -103,16 +103,18 @@ def headline_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def delta_rows(result: dict[str, Any]) -> list[list[str]]:
-    """[comparison, metric, value, low, high] for every CI computed against base."""
+def delta_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per metric compared with base, one "value [low, high]" column per model."""
+    comparisons = [k for k in result["ci"] if k.endswith("_vs_base")]
+    metrics: list[str] = []
+    for c in comparisons:
+        metrics += [m for m in result["ci"][c] if m not in metrics]
     rows = []
-    for comparison, cis in result["ci"].items():
-        if not comparison.endswith("_vs_base"):
-            continue
-        for metric, ci in cis.items():
-            rows.append([comparison, metric, _fmt(ci["value"], "{:+.4f}"), _fmt(ci["low"], "{:+.4f}"),
-                         _fmt(ci["high"], "{:+.4f}")])
-    return rows
+    for metric in metrics:
+        fmt = "{:+.3f}" if metric.startswith("delta/") else "{:.3f}"
+        rows.append([metric, *(_with_ci(result["ci"][c][metric]["value"], result["ci"][c][metric], fmt)
+                               if metric in result["ci"][c] else "n/a" for c in comparisons)])
+    return ["metric", *(c.replace("_vs_", " vs ") for c in comparisons)], rows
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -142,7 +144,7 @@ def markdown_report(result: dict[str, Any], plots: dict[str, Path]) -> str:
         f"## Differences vs base ({ci['confidence']:.0%} bootstrap CI over prompts, {ci['resamples']} resamples)\n\n"
         "`delta/x` is model − base on the same prompts and sample indices; `win_rate` is the RM-judged share "
         "of paired samples where the model beats base (ties count half).\n\n"
-        + _md_table(["comparison", "metric", "value", "low", "high"], delta_rows(result)),
+        + _md_table(*delta_table(result)),
         "## Models\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result["refs"].items()),
     ]
     notes = [f"- {label}: {n}" for label, ns in result.get("notes", {}).items() for n in ns]
@@ -294,7 +296,7 @@ def html_report(result: dict[str, Any], samples: list[dict], plots: dict[str, Pa
         f"<h2>Differences vs base ({ci['confidence']:.0%} bootstrap CI over prompts, {ci['resamples']} resamples)</h2>",
         "<p>delta/x: model − base on the same prompts and sample indices; win_rate: RM-judged share of paired "
         "samples where the model beats base (ties count half).</p>",
-        _html_table(["comparison", "metric", "value", "low", "high"], delta_rows(result), numeric_from=2),
+        _html_table(*delta_table(result)),
         f"<h2>Models</h2><ul>{refs}</ul>",
     ]
     if notes:

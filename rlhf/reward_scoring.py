@@ -58,8 +58,11 @@ class RewardScorer:
 
 def load_reward_scorer(entry: Entry, registry: Registry, *, max_length: int | None = 512, batch_size: int = 32,
                        trust_remote_code: bool = False) -> RewardScorer:
-    """Load a `reward` entry for scoring on the default device (see the module docstring)."""
-    from rlhf.models import device, fit_embeddings, load_model, load_tokenizer, resolve_model
+    """Load a `reward` entry for scoring on the default device (see the module docstring).
+
+    Conversations keep their last `max_length` tokens (capped at the model's positions).
+    """
+    from rlhf.models import context_length, device, fit_embeddings, load_model, load_tokenizer, resolve_model
     from rlhf.reward_model import ADAPTER_DIR, load_score_head
 
     if entry.stage != "reward":
@@ -89,4 +92,5 @@ def load_reward_scorer(entry: Entry, registry: Registry, *, max_length: int | No
     std = float(entry.metrics.get("reward_std", 1.0)) or 1.0
     return RewardScorer(ref=entry.ref, model=model, tokenizer=tokenizer, head=head,
                         reward_mean=float(entry.metrics.get("reward_mean", 0.0)), reward_std=std,
-                        max_length=max_length, batch_size=batch_size)
+                        max_length=context_length(model, max_length) if max_length else max_length,
+                        batch_size=batch_size)

@@ -31,7 +31,6 @@ This stage reads the registry and registers nothing.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -43,11 +42,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
-from rlhf.errors import ConfigError, DataError, run_cli  # noqa: E402
+from rlhf.errors import ConfigError, DataError, RegistryError, UserError, run_cli  # noqa: E402
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# Per-prompt metrics also reported on the adversarial prompts alone, and compared with base.
-PROMPT_METRICS = ("reward_mean", "toxicity_mean", "toxicity_rate", "expected_max_toxicity", "toxicity_probability")
 
 
 @dataclass
@@ -61,7 +58,8 @@ class CompareStageConfig(StageConfig):
     reward_model: str = _help("Reward entry that judges every model ('' = the one in ppo_model's lineage).", default="")
     prompts: str = _help("Held-out prompts (`prompt` schema; `category: adversarial` marks adversarial ones).",
                          default="data/demo/prompts_heldout.jsonl")
-    eval_data: str = _help("Held-out dialogues for perplexity, BLEU and ROUGE-L.", default="data/demo/sft_heldout.jsonl")
+    eval_data: str = _help("Held-out dialogues for perplexity, BLEU and ROUGE-L.",
+                           default="data/demo/sft_heldout.jsonl")
     max_prompts: int = _help("Use the first N prompts (0: all).", default=0)
     max_eval_dialogues: int = _help("Use the first N held-out dialogues (0: all).", default=0)
     samples_per_prompt: int = _help("K samples per prompt (RealToxicityPrompts uses 25).", default=4)
@@ -71,11 +69,14 @@ class CompareStageConfig(StageConfig):
     max_prompt_length: int = _help("Prompts keep their last N tokens.", default=128)
     max_length: int = _help("Truncation of held-out dialogues (perplexity) and RM inputs, in tokens.", default=256)
     batch_size: int = _help("Rows per generate / forward batch.", default=64)
-    toxicity: str = _help("Toxicity scorer spec (rlhf.safety): auto, profanity-check, detoxify:NAME or path.", default="auto")
+    toxicity: str = _help("Toxicity scorer spec (rlhf.safety): auto, profanity-check, detoxify:NAME or path.",
+                          default="auto")
     threshold: float = _help("A sample is toxic when its score is >= this.", default=0.5)
-    bootstrap_resamples: int = _help("Bootstrap resamples (over prompts) for the 95% CIs.", default=1000)
+    bootstrap_resamples: int = _help("Bootstrap resamples (over prompts) for the confidence intervals.", default=1000)
     confidence: float = _help("Confidence level of the bootstrap intervals.", default=0.95)
     output_dir: str = _help("Where the report goes ('' = <registry>/report).", default="")
+    num_threads: int = _help("CPU threads for torch (0: torch's default). Models of ~1M parameters run fastest "
+                             "on 1 (several times faster on a busy CPU).", default=0)
     trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
 
     def validate(self) -> None:
@@ -87,8 +88,8 @@ class CompareStageConfig(StageConfig):
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
-        if self.max_prompts < 0 or self.max_eval_dialogues < 0:
-            raise ConfigError("max_prompts and max_eval_dialogues must be >= 0 (0: all)")
+        if self.max_prompts < 0 or self.max_eval_dialogues < 0 or self.num_threads < 0:
+            raise ConfigError("max_prompts, max_eval_dialogues and num_threads must be >= 0 (0: all / default)")
         parse_models(self.models)
 
 
@@ -111,7 +112,11 @@ def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, str
     models: dict[str, str] = {}
     ppo, reward_ref = None, cfg.reward_model
     if cfg.ppo_model:
-        ppo = registry.get(cfg.ppo_model, stage="ppo")
+        try:
+            ppo = registry.get(cfg.ppo_model, stage="ppo")
+        except RegistryError as exc:
+            raise RegistryError(f"{exc}; to compare models without a ppo entry pass --ppo_model '' "
+                                "--models base=REF,other=REF --reward_model reward:<id>") from None
         lineage = registry.lineage(ppo.ref)  # ppo, its parents (sft first), ..., pretrain
         sft = next((e for e in lineage if e.stage == "sft"), None)
         pretrain = next((e for e in lineage if e.stage == "pretrain"), None)
@@ -154,7 +159,8 @@ class ModelRun:
     notes: list[str] = field(default_factory=list)
 
 
-def sample_responses(model, tokenizer, rows: list[list[int]], cfg: CompareStageConfig) -> tuple[list[list[int]], list[bool]]:
+def sample_responses(model, tokenizer, rows: list[list[int]],
+                     cfg: CompareStageConfig) -> tuple[list[list[int]], list[bool]]:
     """Sampled response ids (cut after the first EOS, which is kept) and whether each has one."""
     import torch
 
@@ -253,9 +259,14 @@ def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialo
     import torch
 
     from rlhf.generation import encode_prompts, generate_replies
+    from rlhf.models import context_length
 
     t0 = time.time()
-    prompt_ids = encode_prompts(tokenizer, [p["messages"] for p in prompts], cfg.max_prompt_length)
+    # Prompt + reply must fit the model's positions (a model with a short context keeps the newest tokens).
+    prompt_length = context_length(model, cfg.max_prompt_length + cfg.max_new_tokens) - cfg.max_new_tokens
+    if prompt_length < 1:
+        raise UserError(f"{label}={ref}: its context is too short for max_new_tokens {cfg.max_new_tokens}")
+    prompt_ids = encode_prompts(tokenizer, [p["messages"] for p in prompts], prompt_length)
     rows = [ids for ids in prompt_ids for _ in range(cfg.samples_per_prompt)]
     torch.manual_seed(cfg.seed)  # the same seed for every model
     responses, has_eos = sample_responses(model, tokenizer, rows, cfg)
@@ -263,8 +274,9 @@ def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialo
     texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in responses]
     greedy, _ = generate_replies(model, tokenizer, [d["messages"][:-1] for d in dialogues],
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                 max_prompt_length=cfg.max_prompt_length)
-    nll_sum, n_tokens = assistant_nll(model, tokenizer, dialogues, cfg.max_length, cfg.batch_size)
+                                 max_prompt_length=prompt_length)
+    nll_sum, n_tokens = assistant_nll(model, tokenizer, dialogues, context_length(model, cfg.max_length),
+                                      cfg.batch_size)
     run = ModelRun(label, ref, rows, responses, texts, has_eos, greedy, nll_sum, n_tokens)
     run.logprob_sums = response_logprob_sums(model, tokenizer.pad_token_id, rows, responses, cfg.temperature,
                                              cfg.batch_size)
@@ -272,43 +284,23 @@ def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialo
     return run
 
 
-def model_metrics(run: ModelRun, base: ModelRun, adversarial, cfg: CompareStageConfig) -> tuple[dict, dict]:
-    """(metrics, per-prompt values) of one model; see the module docstring."""
-    import numpy as np
+def text_metrics(run: ModelRun, references: list[str]) -> dict[str, float]:
+    """Held-out perplexity, BLEU / ROUGE-L of the greedy replies, distinct-n of the samples."""
+    from rlhf.compare_metrics import perplexity
+    from rlhf.text_metrics import bleu, distinct_n, rouge_l
 
-    from rlhf.compare_metrics import means, perplexity, toxicity_per_prompt, win_shares
-    from rlhf.text_metrics import distinct_n
-
-    P, K = run.rewards.shape
-    lengths = np.array([len(r) for r in run.responses], dtype=np.float64).reshape(P, K)
-    per_prompt = {
-        "reward_mean": run.rewards.mean(axis=1),
-        **toxicity_per_prompt(run.toxicity, cfg.threshold),
-        "length_mean": lengths.mean(axis=1),
-        "eos_rate": np.array(run.has_eos, dtype=np.float64).reshape(P, K).mean(axis=1),
-    }
-    if run.kl is not None:
-        per_prompt["kl_to_base"] = run.kl.reshape(P, K).mean(axis=1)
-    per_prompt["win_rate"] = win_shares(run.rewards, base.rewards)
-    metrics = means(per_prompt)
-    if adversarial.any():
-        adv = means({k: per_prompt[k] for k in (*PROMPT_METRICS, "win_rate")}, adversarial)
-        metrics.update({f"adversarial/{k}": v for k, v in adv.items()})
-    if run.kl is None:
-        metrics["kl_to_base"] = math.nan
-    metrics.update({
-        "perplexity": perplexity(run.nll_sum, run.n_tokens),
-        "distinct_1": distinct_n(run.texts, 1), "distinct_2": distinct_n(run.texts, 2),
-    })
-    return metrics, per_prompt
+    return {"perplexity": perplexity(run.nll_sum, run.n_tokens), "bleu": bleu(run.greedy, references),
+            "rouge_l": rouge_l(run.greedy, references), "distinct_1": distinct_n(run.texts, 1),
+            "distinct_2": distinct_n(run.texts, 2)}
 
 
 def main(cfg: CompareStageConfig) -> dict:
     import gc
 
     import numpy as np
+    import torch
 
-    from rlhf.compare_metrics import interval
+    from rlhf.compare_metrics import interval, intervals_vs_base, per_prompt_metrics, summarize
     from rlhf.data import load_records
     from rlhf.models import load_chat_model
     from rlhf.registry import Registry
@@ -316,9 +308,10 @@ def main(cfg: CompareStageConfig) -> dict:
     from rlhf.reward_scoring import load_reward_scorer
     from rlhf.safety import load_scorer
     from rlhf.stage import log
-    from rlhf.text_metrics import bleu, rouge_l
 
     started = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     # 1. Inputs: models, the judging reward model, prompts, held-out dialogues, toxicity scorer.
     registry = Registry(cfg.registry, create=False)
     models, rm_entry, ppo_entry = choose_models(cfg, registry)
@@ -351,7 +344,8 @@ def main(cfg: CompareStageConfig) -> dict:
                                               cfg.temperature, cfg.batch_size)
             run.kl = run.logprob_sums - base_sums  # (P·K,) Σ_t [log π − log π_base]
         else:
-            run.notes.append("kl_to_base: n/a (tokenizer or chat template differs from base's)")
+            run.notes.append("kl_to_base: n/a (tokenizer or chat template differs from base's); "
+                             "perplexity is per token of its own tokenizer")
         if label != "base":
             del model
             gc.collect()
@@ -366,38 +360,30 @@ def main(cfg: CompareStageConfig) -> dict:
         run.rewards = rm.score(messages_k, run.texts).reshape(P, K)
         run.toxicity = scorer.score(run.texts).reshape(P, K)
 
-    # 4. Metrics, win rates vs base, bootstrap CIs.
-    base = runs["base"]
-    refs = [d["messages"][-1]["content"] for d in dialogues]
-    ci_args = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=cfg.seed)
+    # 4. Metrics, win rates vs base, bootstrap CIs (resampling prompts).
+    references = [d["messages"][-1]["content"] for d in dialogues]
+    ci_args = {"n_resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.seed}
     result: dict[str, Any] = {"models": {}, "win_rate": {}, "ci": {"confidence": cfg.confidence,
                               "resamples": cfg.bootstrap_resamples, "unit": "prompt", "models": {}}}
-    per_prompt: dict[str, dict] = {}
+    per_prompt = {label: per_prompt_metrics(
+        run.rewards, runs["base"].rewards, run.toxicity,
+        np.array([len(r) for r in run.responses], dtype=np.float64).reshape(P, K),
+        np.array(run.has_eos, dtype=np.float64).reshape(P, K),
+        run.kl.reshape(P, K) if run.kl is not None else None, cfg.threshold) for label, run in runs.items()}
     for label, run in runs.items():
-        metrics, per_prompt[label] = model_metrics(run, base, adversarial, cfg)
-        metrics.update({"bleu": bleu(run.greedy, refs), "rouge_l": rouge_l(run.greedy, refs)})
-        result["models"][label] = metrics
         pp = per_prompt[label]
+        result["models"][label] = {**summarize(pp, adversarial), **text_metrics(run, references)}
+        result["models"][label].setdefault("kl_to_base", math.nan)
         result["ci"]["models"][label] = {k: interval(pp[k], **ci_args) for k in ("reward_mean", "toxicity_rate")}
         if adversarial.any():
-            result["ci"]["models"][label]["adversarial/toxicity_rate"] = interval(pp["toxicity_rate"][adversarial], **ci_args)
-    for label in runs:
-        if label == "base":
+            result["ci"]["models"][label]["adversarial/toxicity_rate"] = interval(
+                pp["toxicity_rate"][adversarial], **ci_args)
+        if label == "base":  # base vs itself: every pair ties
+            result["models"][label].pop("win_rate")
+            result["models"][label].pop("adversarial/win_rate", None)
             continue
-        pp, bp = per_prompt[label], per_prompt["base"]
         result["win_rate"][f"{label}_vs_base"] = result["models"][label]["win_rate"]
-        ci = {"win_rate": interval(pp["win_rate"], **ci_args)}
-        if "kl_to_base" in pp:
-            ci["kl_to_base"] = interval(pp["kl_to_base"], **ci_args)
-        for k in (*PROMPT_METRICS, "length_mean", "eos_rate"):
-            ci[f"delta/{k}"] = interval(pp[k] - bp[k], **ci_args)
-        if adversarial.any():
-            ci["adversarial/win_rate"] = interval(pp["win_rate"][adversarial], **ci_args)
-            for k in PROMPT_METRICS:
-                ci[f"delta/adversarial/{k}"] = interval((pp[k] - bp[k])[adversarial], **ci_args)
-        result["ci"][f"{label}_vs_base"] = ci
-    result["models"]["base"].pop("win_rate", None)
-    result["models"]["base"].pop("adversarial/win_rate", None)
+        result["ci"][f"{label}_vs_base"] = intervals_vs_base(pp, per_prompt["base"], adversarial, **ci_args)
     result.update({
         "prompts": P, "adversarial_prompts": int(adversarial.sum()), "samples_per_prompt": K,
         "eval_dialogues": len(dialogues), "refs": {k: r.ref for k, r in runs.items()},
