@@ -379,6 +379,12 @@ def _sft_records(split: _Split, n: int, rng: random.Random) -> list[dict]:
     return records
 
 
+# Share of non-adversarial pairs whose rejected reply is an unrelated real reply (the rest are rude).
+# Telling an on-topic reply from an off-topic one is beyond the demo's ~1M-parameter model (its RM is
+# near chance on those pairs: eval_accuracy/off_topic), so they are a minority of the pairs.
+OFF_TOPIC_SHARE = 0.2
+
+
 def _pref_records(split: _Split, n: int, rng: random.Random) -> list[dict]:
     n_adv = round(ADVERSARIAL_SHARE_PREF * n)
     replies = sorted({d[-1]["content"] for d in split.dialogues})
@@ -387,19 +393,21 @@ def _pref_records(split: _Split, n: int, rng: random.Random) -> list[dict]:
     def real_pair() -> dict | None:
         dialogue = draw()
         prompt, chosen = dialogue[:-1], dialogue[-1]["content"]
-        if rng.random() < 0.5:
+        kind = "off_topic" if rng.random() < OFF_TOPIC_SHARE else "rude"
+        if kind == "rude":
             rejected = rng.choice(RUDE_REPLIES)
         else:  # an off-topic reply from another conversation: on-format but unresponsive
             rejected = rng.choice(replies)
             if normalize(rejected) == normalize(chosen):
                 return None
-        return {"prompt": prompt, "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)]}
+        return {"prompt": prompt, "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)], "kind": kind}
 
     def adversarial_pair() -> dict:
         return {
             "prompt": _adversarial_prompt(split, rng),
             "chosen": [_assistant(rng.choice(POLITE_DEFLECTIONS))],
             "rejected": [_assistant(rng.choice(RUDE_REPLIES))],
+            "kind": "adversarial",
         }
 
     records = _fill(real_pair, n - n_adv, 50 * n) + _fill(adversarial_pair, n_adv, 50 * n)

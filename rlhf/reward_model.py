@@ -1,8 +1,9 @@
 """Reward-model scoring and the reward artifacts, shared by stages 02 (metrics), 03 (PPO reward) and 04.
 
 A reward model maps a conversation (prompt + response, rendered through the chat
-template exactly as TRL's `RewardTrainer` tokenizes it) to one scalar: a linear
-score head applied to the final hidden state at the last real token.
+template and cut after the response's EOS: `conversation_ids`) to one scalar: a
+linear score head applied to the final hidden state at the last real token, which
+is the EOS that ends the response, as in PPO's rollouts.
 
 What a `reward` registry entry holds (its config says which, `reward_kind`):
 
@@ -35,12 +36,17 @@ HEAD_MODULE = "score"  # the score head's attribute name on transformers' *ForSe
 
 
 def conversation_ids(tokenizer: Any, messages: list[dict], max_length: int | None = None) -> list[int]:
-    """Token ids of a full conversation through the chat template (as RewardTrainer tokenizes it).
+    """Token ids of a full conversation through the chat template, ending at its last EOS.
 
-    Longer than `max_length`: the LAST `max_length` tokens are kept, because the score is
-    read at the end of the response.
+    Chat templates close a turn with EOS and then a separator (the demo's `<|end|>\\n`,
+    Qwen's `<|im_end|>\\n`); PPO's generations stop at EOS, so the reward model is
+    trained and read at the EOS itself and whatever the template puts after it is dropped.
+    Longer than `max_length`: the LAST `max_length` tokens are kept (the score is read at the end).
     """
     ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        ids = ids[: len(ids) - ids[::-1].index(eos)]
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]
     return ids
@@ -73,7 +79,8 @@ def score_ids(model: Any, rows: list[list[int]], pad_id: int, *, head: dict[str,
     import torch
 
     if head is None and getattr(model.config, "pad_token_id", None) != pad_id:
-        raise ValueError(f"model.config.pad_token_id is {model.config.pad_token_id}, expected the tokenizer's pad id {pad_id}")
+        raise ValueError(f"model.config.pad_token_id is {model.config.pad_token_id}, "
+                         f"expected the tokenizer's pad id {pad_id}")
     dev = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     scores = torch.empty(len(rows), dtype=torch.float32)

@@ -11,6 +11,7 @@ skipped with a note. A failing stage stops the pipeline with its exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -59,13 +60,18 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     started = time.time()
     timings: dict[str, float] = {}
+    env = dict(os.environ)
+    if cfg.get("threads"):
+        # Tiny models run fastest on one thread per process; real models want the default (all cores).
+        env.setdefault("OMP_NUM_THREADS", str(cfg["threads"]))
+        env.setdefault("MKL_NUM_THREADS", str(cfg["threads"]))
 
     data = cfg.get("data")
     if data and (only is None or "data" in only):
         t0 = time.time()
         cmd = [sys.executable, "scripts/make_demo_data.py", "--out", str(data.get("out", "data/demo")), "--seed", seed]
         print(f"\n=== data: {' '.join(cmd[1:])}", flush=True)
-        rc = subprocess.call(cmd, cwd=ROOT)
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
         if rc:
             raise SystemExit(rc)
         timings["data"] = time.time() - t0
@@ -82,7 +88,7 @@ def main() -> None:
             cmd.append("--reuse")
         print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd, cwd=ROOT)
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
         timings[stage] = time.time() - t0
         if rc:
             print(f"pipeline stopped: stage {stage} exited with {rc}", file=sys.stderr)

@@ -6,9 +6,10 @@
 InstructGPT style: the reward model starts from the SFT model (`sft:latest`) with a
 scalar score head (AutoModelForSequenceClassification, num_labels=1) and is trained
 with TRL's `RewardTrainer` as it ships on the Bradley-Terry loss
--log σ(r(prompt, chosen) - r(prompt, rejected)). The score is read at the last
-non-pad token, which transformers' seq-cls heads find through
-`config.pad_token_id`: it must be the tokenizer's dedicated pad id.
+-log σ(r(prompt, chosen) - r(prompt, rejected)). Pairs are tokenized through the chat
+template and cut after the reply's EOS, so the score is read at the token where PPO's
+generations end; transformers' seq-cls heads find that last non-pad token through
+`config.pad_token_id`, which must be the tokenizer's dedicated pad id.
 
 Modes: `full`, `lora` and `qlora` (LoRA on a 4-bit NF4 base). The artifacts
 (`rlhf.reward_model` documents the layout and how PPO loads it):
@@ -38,7 +39,7 @@ from rlhf.errors import ConfigError, DataError, run_cli  # noqa: E402
 
 MODES = ("full", "lora", "qlora")
 N_CHECK = 8  # held-out conversations the reloaded adapter + head must reproduce
-CHECK_ATOL = 1e-3
+CHECK_RTOL = {"float32": 1e-3, "bfloat16": 3e-2}  # of the largest |score|; bf16 keeps ~3 significant digits
 
 
 @dataclass
@@ -96,8 +97,16 @@ def load_pairs(source: str, split: str, adapter: str | None, limit: int = -1) ->
 
     records = load_records(source, "preference", split=split, adapter=adapter)
     pairs = [split_implicit_prompt(r) for r in records]
-    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected", "kind") if k in p} for p in pairs]
     return pairs if limit < 0 else pairs[:limit]
+
+
+def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int | None = None) -> dict[str, list[list[int]]]:
+    """RewardTrainer's tokenized columns `chosen_ids` / `rejected_ids`: prompt + reply, ending at the reply's EOS."""
+    from rlhf.reward_model import conversation_ids
+
+    return {f"{key}_ids": [conversation_ids(tokenizer, p["prompt"] + p[key], max_length) for p in pairs]
+            for key in ("chosen", "rejected")}
 
 
 def save_reward_adapter(rm, base_path: str, tokenizer, folder: Path, load_in_4bit: bool, trust_remote_code: bool):
@@ -121,8 +130,8 @@ def save_reward_adapter(rm, base_path: str, tokenizer, folder: Path, load_in_4bi
     loaded = set_peft_model_state_dict(reward_lm, lora_state)
     missing = [k for k in loaded.missing_keys if "lora_" in k]
     if loaded.unexpected_keys or missing:
-        raise RuntimeError(f"LoRA tensors do not match the causal LM's modules: unexpected {loaded.unexpected_keys[:5]}, "
-                           f"missing {missing[:5]}")
+        raise RuntimeError(f"LoRA tensors do not match the causal LM's modules: "
+                           f"unexpected {loaded.unexpected_keys[:5]}, missing {missing[:5]}")
     reward_lm.save_pretrained(folder)
     return reward_lm
 
@@ -148,8 +157,7 @@ def main(cfg: RewardStageConfig) -> None:
     from trl import RewardConfig, RewardTrainer
 
     from rlhf.models import check_vocab, compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer
-    from rlhf.reward_model import (ADAPTER_DIR, conversation_ids, extract_score_head, pairwise_metrics, save_score_head,
-                                   score_ids)
+    from rlhf.reward_model import ADAPTER_DIR, extract_score_head, pairwise_metrics, save_score_head, score_ids
 
     # 2. Model: a scalar score head on the starting model; 4-bit NF4 base for QLoRA.
     load_in_4bit = cfg.mode == "qlora"
@@ -162,8 +170,9 @@ def main(cfg: RewardStageConfig) -> None:
     peft_config = lora_config(cfg) if cfg.mode in ("lora", "qlora") else None
     cfg.max_length = context_length(model, cfg.max_length)
 
-    # 3. Train: TRL's RewardTrainer as it ships (it drops pairs longer than max_length).
-    train_ds = Dataset.from_list(train_pairs)
+    # 3. Train: TRL's RewardTrainer as it ships, on pairs tokenized to end at the response's EOS
+    #    (where PPO reads the reward; see conversation_ids). It drops pairs longer than max_length.
+    train_ds = Dataset.from_dict(tokenize_pairs(tokenizer, train_pairs))
     args = RewardConfig(
         output_dir=str(run.work_dir), max_length=cfg.max_length,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -178,9 +187,9 @@ def main(cfg: RewardStageConfig) -> None:
                             peft_config=peft_config)
     # With a 4-bit base RewardTrainer casts the trainable weights to bf16 (QLoRA paper); the CPU computes
     # in fp32 (bf16 autocast off), so bring them to the base's compute dtype (a no-op on a bf16 GPU).
-    for p in trainer.model.parameters():
-        if p.requires_grad:
-            p.data = p.data.to(compute_dtype())
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(compute_dtype())
     n_train = len(trainer.train_dataset)
     if n_train == 0:
         raise DataError(f"{cfg.data}: no pair fits in max_length={cfg.max_length} tokens; raise max_length")
@@ -192,10 +201,8 @@ def main(cfg: RewardStageConfig) -> None:
     rm = trainer.model
 
     # 4. Evaluate on held-out pairs, and the reward scale over held-out chosen + rejected responses.
-    def rows(key: str) -> list[list[int]]:
-        return [conversation_ids(tokenizer, p["prompt"] + p[key], cfg.max_length) for p in eval_pairs]
-
-    eval_rows = rows("chosen") + rows("rejected")
+    eval_ids = tokenize_pairs(tokenizer, eval_pairs, cfg.max_length)
+    eval_rows = eval_ids["chosen_ids"] + eval_ids["rejected_ids"]
     scores = score_ids(rm, eval_rows, tokenizer.pad_token_id, batch_size=2 * cfg.per_device_train_batch_size)  # (2N,)
     chosen, rejected = scores[: len(eval_pairs)], scores[len(eval_pairs):]
     pair = pairwise_metrics(chosen, rejected)
@@ -210,6 +217,10 @@ def main(cfg: RewardStageConfig) -> None:
         "eval_pairs": len(eval_pairs),
         "steps": train_out.global_step,
     }
+    # Pairs may carry a `kind` (the demo's: rude / off_topic / adversarial): accuracy per kind shows what the RM learned.
+    for kind in sorted({p["kind"] for p in eval_pairs if isinstance(p.get("kind"), str)}):
+        rows = [i for i, p in enumerate(eval_pairs) if p.get("kind") == kind]
+        metrics[f"eval_accuracy/{kind}"] = (chosen[rows] > rejected[rows]).float().mean().item()
 
     # 5. Save: the seq-cls model, or the causal-LM adapter + score head (checked against the scores above).
     staged = run.registry.staging_dir("reward")
@@ -222,8 +233,9 @@ def main(cfg: RewardStageConfig) -> None:
                                         cfg.trust_remote_code)
         again = score_ids(reward_lm, eval_rows[:N_CHECK], tokenizer.pad_token_id, head=head)
         gap = (again - scores[:N_CHECK]).abs().max().item()
-        if gap > CHECK_ATOL * max(1.0, scores.abs().max().item()):
-            raise RuntimeError(f"the saved adapter + score head on the causal LM differ from the reward model by {gap:.3g}")
+        if gap > CHECK_RTOL[str(compute_dtype()).removeprefix("torch.")] * max(1.0, scores.abs().max().item()):
+            raise RuntimeError(f"the saved adapter + score head on the causal LM give scores {gap:.3g} away from "
+                               "the reward model's")
     tokenizer.save_pretrained(staged)
 
     # 6. Register with the starting model as parent (or its hub id in the config).

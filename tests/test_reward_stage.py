@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from rlhf.registry import Registry
 
 STAGE = "stages/02_reward.py"
@@ -85,7 +85,8 @@ def test_resume_after_interruption_continues_from_checkpoint_and_registers_once(
 
 @pytest.mark.slow
 def test_full_mode_registers_seq_cls_model_with_parent_metrics_and_changed_weights(resumed_registry):
-    """Full mode: a seq-cls model whose backbone moved from its init, the pretrain entry as parent, metric keys PPO reads."""
+    """Full mode: a seq-cls model whose backbone moved from its init, the pretrain entry as parent,
+    the metric keys PPO reads."""
     from safetensors.torch import load_file
 
     reg = resumed_registry["registry"]
@@ -105,8 +106,9 @@ def test_full_mode_registers_seq_cls_model_with_parent_metrics_and_changed_weigh
 
 @pytest.mark.slow
 def test_scores_do_not_change_with_extra_right_padding_or_batching(resumed_registry, tiny_data):
-    """The score is read at the last real token: extra pad columns, batch size and order never change it,
-    and it equals the score head applied to the final hidden state there (the seq-cls pooling is right)."""
+    """The score is read at the last real token (the reply's EOS): extra pad columns, batch size and order
+    never change it, and it equals the score head applied to the final hidden state there (the seq-cls
+    pooling is right)."""
     from rlhf.models import load_model, load_tokenizer
     from rlhf.reward_model import last_token_scores, right_pad, score_ids
 
@@ -115,6 +117,7 @@ def test_scores_do_not_change_with_extra_right_padding_or_batching(resumed_regis
     model = load_model(str(rm.path), kind="score")
     assert model.config.pad_token_id == tokenizer.pad_token_id
     rows = eval_rows(tokenizer, tiny_data)
+    assert all(r[-1] == tokenizer.eos_token_id for r in rows)  # read where PPO's generations end, not at "\n"
     pad = tokenizer.pad_token_id
     base = score_ids(model, rows, pad, batch_size=16)
     assert torch.allclose(score_ids(model, rows, pad, batch_size=16, extra_padding=7), base, atol=1e-5)
@@ -142,15 +145,20 @@ def test_pairwise_metrics_and_last_token_scores_by_hand():
 
 @pytest.mark.slow
 def test_wrong_stage_reference_is_refused_in_one_line_without_a_new_row(resumed_registry, tiny_data, tmp_path):
-    """A reward (or ppo) entry is not a starting model: one `error:` line, exit 2, no row added."""
+    """A reward or ppo entry is not a starting model: one `error:` line, exit 2, no row added."""
     reg = tmp_path / "runs"
     shutil.copytree(resumed_registry["registry"], reg)
-    res = run_script(STAGE, *reward_args(reg, tiny_data, "--model", "reward:latest"))
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: reward:latest: is a 'reward' entry"), res.stderr
-    assert "'pretrain' or 'sft'" in lines[0]
-    assert len(entries(reg, "reward")) == 1
+    staged = Registry(reg).staging_dir("ppo")
+    (staged / "metrics.json").write_text("{}")
+    Registry(reg).register("ppo", staged, parents=[], config={}, metrics={})  # a stand-in ppo entry
+    for ref in ("reward:latest", "ppo:latest"):
+        res = run_script(STAGE, *reward_args(reg, tiny_data, "--model", ref))
+        assert res.returncode == 2, res.stderr[-3000:]
+        lines = res.stderr.strip().splitlines()
+        stage = ref.split(":")[0]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {ref}: is a '{stage}' entry"), res.stderr
+        assert "needs a 'pretrain' or 'sft' entry" in lines[0]
+    assert len(entries(reg, "reward")) == 1 and len(entries(reg, "ppo")) == 1
 
 
 @pytest.mark.slow
@@ -186,6 +194,21 @@ def test_qlora_saves_a_causal_lm_adapter_and_score_head_that_reproduce_the_metri
     causal = load_model(str(base.path), load_in_4bit=True)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in causal.modules())
     reward_lm = PeftModel.from_pretrained(causal, str(rm.path / "adapter"))
-    scores = score_ids(reward_lm, eval_rows(tokenizer, tiny_data), tokenizer.pad_token_id, head=head)
+    rows = eval_rows(tokenizer, tiny_data)
+    scores = score_ids(reward_lm, rows, tokenizer.pad_token_id, head=head)
     assert scores.mean().item() == pytest.approx(rm.metrics["reward_mean"], abs=1e-4)
     assert scores.std().item() == pytest.approx(rm.metrics["reward_std"], abs=1e-4)
+    with reward_lm.disable_adapter():  # the adapter matters: without it the scores move
+        assert not torch.allclose(score_ids(reward_lm, rows, tokenizer.pad_token_id, head=head), scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/*/reward.yaml")))
+def test_every_reward_config_loads_with_known_fields(config):
+    """configs/<model>/reward.yaml (real runs that cannot run here) parse: every field exists, values are valid."""
+    import runpy
+
+    from rlhf.config import load_config
+
+    stage = runpy.run_path(str(ROOT / STAGE))  # not run as __main__: defines the config, runs nothing
+    cfg = load_config(stage["RewardStageConfig"], ROOT / config)
+    assert cfg.mode in ("full", "lora", "qlora")
