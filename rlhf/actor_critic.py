@@ -11,7 +11,8 @@ named LoRA adapters:
 The value adapter and head start from the reward model's (as DeepSpeed-Chat and
 OpenRLHF initialize the critic from the RM) when the reward entry is an adapter
 trained on this same base; otherwise the value adapter is fresh, its head zero,
-and the reward model is loaded on its own (`SeparateRewardModel`). One copy of
+and the reward model is loaded on its own (`rlhf.reward_scoring.load_reward_scorer`),
+scoring decoded responses with its own tokenizer. One copy of
 the base weights serves all four roles, which is where the memory goes.
 
 Every forward takes left-padded prompt + right-padded response ids with their
@@ -22,7 +23,6 @@ what `generate` used for the same rows.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,34 +55,11 @@ def load_head(path: Path, hidden: int, device: torch.device) -> nn.Linear:
     return head.to(device)
 
 
-@dataclass
-class SeparateRewardModel:
-    """A reward model on another base: scores decoded conversations with its own tokenizer."""
-
-    model: Any
-    tokenizer: Any
-    max_length: int
-
-    @torch.no_grad()
-    def score(self, prompts: list[list[dict]], responses: list[str]) -> Tensor:
-        from rlhf.generation import left_pad
-
-        rows = []
-        for messages, text in zip(prompts, responses):
-            conv = [*messages, {"role": "assistant", "content": text}]
-            ids = self.tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
-            rows.append(list(ids)[-self.max_length:])
-        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
-        dev = next(self.model.parameters()).device
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev))
-        return out.logits[:, -1, 0].float()  # left-padded: the last column is every row's last real token
-
-
 class ActorCritic(nn.Module):
     """The peft-wrapped base plus the value head (trainable) and reward head (frozen)."""
 
     def __init__(self, model: Any, value_head: nn.Linear, reward_head: nn.Linear | None,
-                 separate_reward: SeparateRewardModel | None = None):
+                 separate_reward: Any | None = None):
         super().__init__()
         self.model = model
         self.value_head = value_head
@@ -166,7 +143,7 @@ def build_actor_critic(
     lora_target_modules: str,
     reward_adapter: Path | None,
     reward_head: Path | None,
-    separate_reward: SeparateRewardModel | None,
+    separate_reward: Any | None,
     device: torch.device,
     trust_remote_code: bool = False,
 ) -> ActorCritic:

@@ -307,10 +307,10 @@ def main(cfg: PPOStageConfig) -> None:
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    from rlhf.actor_critic import SeparateRewardModel, build_actor_critic
+    from rlhf.actor_critic import build_actor_critic
     from rlhf.data import fingerprint, load_records
     from rlhf.generation import encode_prompts
-    from rlhf.models import load_model, load_tokenizer, memory_footprint_mb, resolve_model
+    from rlhf.models import load_tokenizer, memory_footprint_mb, resolve_model
     from rlhf.ppo_math import (AdaptiveKLController, FixedKLController, LagrangeController, compute_gae,
                                exact_div, kl_k3, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
                                explained_variance)
@@ -347,11 +347,11 @@ def main(cfg: PPOStageConfig) -> None:
                    and rm_entry.config.get("base_model") in {sft.ref, sft.entry.ref if sft.entry else None})
     separate = None
     if not shares_base:
-        rm_tok = load_tokenizer(str(rm_entry.path))
-        rm_model = load_model(str(rm_entry.path), kind="score", load_in_4bit=cfg.load_in_4bit)
-        rm_model.config.pad_token_id = rm_tok.pad_token_id
-        separate = SeparateRewardModel(rm_model.to(dev) if not cfg.load_in_4bit else rm_model.eval(), rm_tok,
-                                       cfg.max_prompt_length + cfg.response_length)
+        from rlhf.reward_scoring import load_reward_scorer
+
+        separate = load_reward_scorer(rm_entry, registry, max_length=cfg.max_prompt_length + cfg.response_length,
+                                      batch_size=cfg.local_rollout_forward_batch_size,
+                                      trust_remote_code=cfg.trust_remote_code)
         log(f"[ppo] reward model {rm_entry.ref} is not an adapter on {sft.ref}: loaded separately")
     ac = build_actor_critic(
         sft.path, tokenizer, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -409,7 +409,8 @@ def main(cfg: PPOStageConfig) -> None:
         mask = batch["mask"]
         texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
         if separate is not None:
-            batch["rm_scores"] = separate.score([prompts[i]["messages"] for i in idx], texts).to(dev)
+            raw = separate.raw([prompts[i]["messages"] for i in idx], texts)
+            batch["rm_scores"] = torch.tensor(raw, dtype=torch.float32, device=dev)
         score = (batch["rm_scores"] - reward_mean) / reward_std  # (B,)
         toxicity = torch.tensor(scorer.score(texts), dtype=torch.float32, device=dev)  # (B,)
         total = score - tox_ctl.value * toxicity

@@ -139,3 +139,26 @@ def test_wrong_stage_reference_for_the_reward_model_is_refused(rlhf_registry, ti
     assert res.returncode != 0
     assert "is a 'sft' entry, not 'reward'" in res.stderr or "needs a 'reward' entry" in res.stderr
     assert "Traceback" not in res.stderr and Registry(reg).entries("ppo") == []
+
+
+def test_reward_model_on_its_own_weights_is_loaded_separately(rlhf_registry, tiny_data, tmp_path):
+    """A `model`-kind reward entry (a full sequence classifier) scores decoded responses on its own."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reg = _copy(rlhf_registry, tmp_path)
+    r = Registry(reg)
+    sft = r.get("sft:latest")
+    rm = AutoModelForSequenceClassification.from_pretrained(str(sft.path), num_labels=1)
+    tok = AutoTokenizer.from_pretrained(str(sft.path))
+    rm.config.pad_token_id = tok.pad_token_id
+    staged = r.staging_dir("reward")
+    rm.save_pretrained(staged)
+    tok.save_pretrained(staged)
+    entry = r.register("reward", staged, parents=[sft.ref], config={"reward_kind": "model", "base_model": sft.ref},
+                       metrics={"reward_mean": 0.0, "reward_std": 1.0})
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO,
+                     "--reward_model", entry.ref)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "loaded separately" in res.stderr
+    ppo = r.get("ppo:latest")
+    assert ppo.config["reward_shares_base"] is False and ppo.parents[-1] == entry.ref
