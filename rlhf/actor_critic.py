@@ -148,19 +148,17 @@ def build_actor_critic(
     trust_remote_code: bool = False,
 ) -> ActorCritic:
     """Load the base once and attach the adapters (see module docstring)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
-    from rlhf.models import fit_embeddings, load_model, set_cpu_4bit_packing
+    from rlhf.models import fit_embeddings, load_model, lora_targets, set_cpu_4bit_packing
 
     base = load_model(sft_path, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
     fit_embeddings(base, tokenizer)
     if not load_in_4bit:
         base.to(device)
     base.requires_grad_(False)
-    targets = lora_target_modules if lora_target_modules == "all-linear" else [
-        t.strip() for t in lora_target_modules.split(",")]
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                      target_modules=lora_targets(lora_target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(base, lora, adapter_name="policy")
     hidden = base.get_input_embeddings().weight.shape[1]
     if reward_adapter is not None:

@@ -62,6 +62,39 @@ class StageConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+MODES = ("full", "lora", "qlora")
+
+
+@dataclass
+class TrainerStageConfig(StageConfig):
+    """Fields of the stages trained with a Trainer on a starting model (01 SFT, 02 reward)."""
+
+    model: str = _help("Starting model: registry ref, local folder or hub id.", default="sft:latest")
+    mode: str = _help("full | lora | qlora (LoRA on a 4-bit NF4 base).", default="full")
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = _help("LoRA dropout.", default=0.05)
+    lora_target_modules: str = _help("Modules LoRA wraps: 'all-linear' or a comma-separated list.", default="all-linear")
+    max_length: int = _help("Longest tokenized example, in tokens.", default=256)
+    num_train_epochs: float = _help("Passes over the data (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (-1: use num_train_epochs).", default=-1)
+    per_device_train_batch_size: int = _help("Examples per device per micro-batch.", default=16)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate (cosine schedule).", default=2e-5)
+    warmup_ratio: float = _help("Share of steps spent warming up.", default=0.03)
+    logging_steps: int = _help("Log every N steps (progress bar, TensorBoard).", default=10)
+    save_steps: int = _help("Write a resumable checkpoint every N steps.", default=100)
+    trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                       "max_length", "lora_r", "logging_steps", "save_steps")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
 def public_config(cfg: Any) -> dict[str, Any]:
     """The config as stored in the registry: secrets left out."""
     return {

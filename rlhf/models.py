@@ -253,3 +253,8 @@ def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
         model.to(device())
     model.eval()
     return model, tokenizer, resolved
+
+
+def lora_targets(spec: str) -> str | list[str]:
+    """peft's `target_modules` from a config string: 'all-linear' or comma-separated module names."""
+    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]

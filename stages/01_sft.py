@@ -23,14 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
-from rlhf.errors import ConfigError, run_cli  # noqa: E402
-
-MODES = ("full", "lora", "qlora")
+from rlhf.config import TrainerStageConfig, _help, parse_config  # noqa: E402
+from rlhf.errors import run_cli  # noqa: E402
 
 
 @dataclass
-class SFTStageConfig(StageConfig):
+class SFTStageConfig(TrainerStageConfig):
     """Stage 01: supervised fine-tuning of a causal LM on `dialogue` data."""
 
     model: str = _help("Starting model: registry ref (pretrain:latest), local folder or hub id.", default="pretrain:latest")
@@ -38,41 +36,18 @@ class SFTStageConfig(StageConfig):
     data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
     eval_data: str = _help("Held-out dialogues (file or hub id) for eval loss, perplexity, BLEU, ROUGE-L.", default="data/demo/sft_heldout.jsonl")
     eval_split: str = _help("Split to read when `eval_data` is a hub dataset.", default="test")
-    mode: str = _help("full | lora | qlora (LoRA on a 4-bit NF4 base).", default="full")
-    lora_r: int = _help("LoRA rank.", default=16)
-    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = _help("LoRA dropout.", default=0.05)
-    lora_target_modules: str = _help("Modules LoRA wraps: 'all-linear' or a comma-separated list.", default="all-linear")
     max_length: int = _help("Truncate tokenized dialogues to this many tokens.", default=256)
-    num_train_epochs: float = _help("Passes over the data (ignored when max_steps > 0).", default=1.0)
-    max_steps: int = _help("Stop after this many optimizer steps (-1: use num_train_epochs).", default=-1)
-    per_device_train_batch_size: int = _help("Dialogues per device per micro-batch.", default=16)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate (cosine schedule).", default=2e-5)
-    warmup_ratio: float = _help("Share of steps spent warming up.", default=0.03)
-    logging_steps: int = _help("Log every N steps (progress bar, TensorBoard).", default=10)
-    save_steps: int = _help("Write a resumable checkpoint every N steps.", default=100)
     gen_eval_samples: int = _help("Held-out dialogues used for BLEU/ROUGE-L (0: skip).", default=64)
     max_new_tokens: int = _help("Reply length for the BLEU/ROUGE-L evaluation.", default=48)
-    trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        check_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-                       "max_length", "lora_r", "logging_steps", "save_steps")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 def lora_config(cfg: SFTStageConfig, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
-    targets = cfg.lora_target_modules
-    return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type=task_type,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-    )
+    from rlhf.models import lora_targets
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type=task_type,
+                      target_modules=lora_targets(cfg.lora_target_modules))
 
 
 def generation_metrics(model, tokenizer, dialogues: list[dict], cfg: SFTStageConfig) -> dict[str, float]:

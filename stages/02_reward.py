@@ -34,16 +34,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
+from rlhf.config import TrainerStageConfig, _help, parse_config  # noqa: E402
 from rlhf.errors import ConfigError, DataError, run_cli  # noqa: E402
 
-MODES = ("full", "lora", "qlora")
 N_CHECK = 8  # held-out conversations the reloaded adapter + head must reproduce
 CHECK_RTOL = {"float32": 1e-3, "bfloat16": 3e-2}  # of the largest |score|; bf16 keeps ~3 significant digits
 
 
 @dataclass
-class RewardStageConfig(StageConfig):
+class RewardStageConfig(TrainerStageConfig):
     """Stage 02: train a scalar reward model on `preference` pairs."""
 
     model: str = _help("Starting model: registry ref (sft:latest, pretrain:<id>), local folder or hub id.", default="sft:latest")
@@ -53,28 +52,13 @@ class RewardStageConfig(StageConfig):
     eval_split: str = _help("Split to read when `eval_data` is a hub dataset.", default="test")
     data_adapter: str | None = _help("Converter applied to both datasets first, for raw hub formats (e.g. 'hh-rlhf').", default=None)
     max_eval_pairs: int = _help("Score at most this many held-out pairs (-1: all).", default=-1)
-    mode: str = _help("full | lora | qlora (LoRA on a 4-bit NF4 base).", default="full")
-    lora_r: int = _help("LoRA rank.", default=16)
-    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = _help("LoRA dropout.", default=0.05)
-    lora_target_modules: str = _help("Modules LoRA wraps: 'all-linear' or a comma-separated list.", default="all-linear")
     max_length: int = _help("Pairs whose chosen or rejected conversation is longer (tokens) are dropped from training.", default=512)
-    num_train_epochs: float = _help("Passes over the data (ignored when max_steps > 0).", default=1.0)
-    max_steps: int = _help("Stop after this many optimizer steps (-1: use num_train_epochs).", default=-1)
     per_device_train_batch_size: int = _help("Pairs per device per micro-batch (each pair is two sequences).", default=16)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, slower).", default=True)
     learning_rate: float = _help("Peak learning rate (cosine schedule).", default=1e-4)
-    warmup_ratio: float = _help("Share of steps spent warming up.", default=0.03)
-    logging_steps: int = _help("Log every N steps (progress bar, TensorBoard).", default=10)
-    save_steps: int = _help("Write a resumable checkpoint every N steps.", default=100)
-    trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        check_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-                       "max_length", "lora_r", "logging_steps", "save_steps")
+        super().validate()
         if self.max_eval_pairs == 0 or self.max_eval_pairs < -1:
             raise ConfigError(f"max_eval_pairs must be > 0 or -1 (all), got {self.max_eval_pairs}")
 
@@ -83,12 +67,10 @@ def lora_config(cfg: RewardStageConfig):
     """LoRA on the backbone; the score head is trained in full (`modules_to_save`), as RewardTrainer advises."""
     from peft import LoraConfig
 
-    targets = cfg.lora_target_modules
-    return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="SEQ_CLS",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-        modules_to_save=["score"],
-    )
+    from rlhf.models import lora_targets
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="SEQ_CLS",
+                      target_modules=lora_targets(cfg.lora_target_modules), modules_to_save=["score"])
 
 
 def load_pairs(source: str, split: str, adapter: str | None, limit: int = -1) -> list[dict]:
