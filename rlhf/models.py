@@ -111,6 +111,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> "PreTrainedTok
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    n_saved = len(tok)
     if tok.chat_template is None:
         tok.add_special_tokens(
             {"eos_token": chat_format.EOS, "additional_special_tokens": list(chat_format.ROLE_TOKENS.values())}
@@ -118,11 +119,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> "PreTrainedTok
         tok.chat_template = chat_format.CHAT_TEMPLATE
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": chat_format.PAD})
+    tok.rlhf_added_tokens = len(tok) - n_saved  # tokens added here, which `fit_embeddings` makes room for
     return tok
 
 
-def fit_embeddings(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:
-    """Grow the embeddings to the tokenizer and record pad/eos ids on the model config."""
+def fit_embeddings(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", where: str = "model") -> None:
+    """Grow the embeddings for the tokens `load_tokenizer` added and record pad/eos ids on the model config.
+
+    A tokenizer that already had more tokens than the model embeds does not belong to
+    that model: refused (`check_vocab`) before anything is resized.
+    """
+    check_vocab(model, tokenizer, where)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -177,9 +184,10 @@ def load_model(
 def check_vocab(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", where: str) -> None:
     """Refuse a tokenizer whose ids the model cannot embed (a tokenizer/model mismatch)."""
     n_embed = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > n_embed:
+    n_own = len(tokenizer) - getattr(tokenizer, "rlhf_added_tokens", 0)
+    if n_own > n_embed:
         raise UserError(
-            f"{where}: tokenizer has {len(tokenizer)} tokens but the model embeds only {n_embed}; "
+            f"{where}: tokenizer has {n_own} tokens but the model embeds only {n_embed}; "
             "tokenizer and model do not belong together"
         )
 
@@ -240,15 +248,14 @@ def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
         base = resolve_model(resolved.entry.config["sft_model"], registry, stages=("sft", "pretrain"))
         tokenizer = load_tokenizer(str(resolved.entry.path), trust_remote_code)
         model = load_model(base.path, trust_remote_code=trust_remote_code)
-        fit_embeddings(model, tokenizer)
+        fit_embeddings(model, tokenizer, ref)
         model = PeftModel.from_pretrained(model, str(resolved.entry.path / "policy")).merge_and_unload()
     else:
         if resolved.entry is not None and resolved.entry.stage == "reward":
             raise RegistryError(f"{ref}: is a 'reward' entry; a chat model is a pretrain, sft or ppo entry")
         tokenizer = load_tokenizer(resolved.path, trust_remote_code)
         model = load_model(resolved.path, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
-        fit_embeddings(model, tokenizer)
-    check_vocab(model, tokenizer, ref)
+        fit_embeddings(model, tokenizer, ref)
     if not load_in_4bit:
         model.to(device())
     model.eval()
@@ -258,3 +265,14 @@ def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
 def lora_targets(spec: str) -> str | list[str]:
     """peft's `target_modules` from a config string: 'all-linear' or comma-separated module names."""
     return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def model_positions(path: str, trust_remote_code: bool = False) -> int | None:
+    """The number of positions a model's config allows (None when it sets no limit), read without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read the model config ({str(exc).splitlines()[0]})") from None
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -76,7 +76,7 @@ def merge_lora(base_path: str, adapter_dir: Path, tokenizer, trust_remote_code: 
 
 def main(cfg: SFTStageConfig) -> None:
     from rlhf.data import fingerprint, load_records
-    from rlhf.models import (check_vocab, context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
+    from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
                              set_cpu_4bit_packing)
     from rlhf.registry import Registry
     from rlhf.stage import begin, finish, log
@@ -96,8 +96,7 @@ def main(cfg: SFTStageConfig) -> None:
     # 2. Model: full precision, or 4-bit NF4 for QLoRA; LoRA adapters for lora/qlora.
     tokenizer = load_tokenizer(base.path, cfg.trust_remote_code)
     model = load_model(base.path, load_in_4bit=cfg.mode == "qlora", trust_remote_code=cfg.trust_remote_code)
-    fit_embeddings(model, tokenizer)
-    check_vocab(model, tokenizer, cfg.model)
+    fit_embeddings(model, tokenizer, cfg.model)
     set_cpu_4bit_packing(model, enabled=False)  # we evaluate, then train: see its docstring
     peft_config = lora_config(cfg) if cfg.mode in ("lora", "qlora") else None
     cfg.max_length = context_length(model, cfg.max_length)

@@ -138,15 +138,14 @@ def main(cfg: RewardStageConfig) -> None:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.models import check_vocab, compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer
+    from rlhf.models import compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer
     from rlhf.reward_model import ADAPTER_DIR, extract_score_head, pairwise_metrics, save_score_head, score_ids
 
     # 2. Model: a scalar score head on the starting model; 4-bit NF4 base for QLoRA.
     load_in_4bit = cfg.mode == "qlora"
     tokenizer = load_tokenizer(base.path, cfg.trust_remote_code)
     model = load_model(base.path, kind="score", load_in_4bit=load_in_4bit, trust_remote_code=cfg.trust_remote_code)
-    fit_embeddings(model, tokenizer)
-    check_vocab(model, tokenizer, cfg.model)
+    fit_embeddings(model, tokenizer, cfg.model)
     # Seq-cls heads pool at the last token != config.pad_token_id; a wrong id scores the wrong token.
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_config = lora_config(cfg) if cfg.mode in ("lora", "qlora") else None

@@ -253,14 +253,21 @@ def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-def save_checkpoint(folder, ac, optimizer, scheduler, controllers, step, extra) -> None:
-    """Everything --resume needs: trainable tensors, optimizer, scheduler, KL/Lagrange state, RNG, step."""
+def save_checkpoint(work_dir, ac, optimizer, scheduler, controllers, step, keep: int = 2) -> Path:
+    """Everything --resume needs in `checkpoint-<step>/`: trainable tensors, optimizer, scheduler,
+    KL/Lagrange state, RNG, step. Written to a temporary folder and renamed into place, with
+    `trainer_state.json` last (a folder without it is never resumed from); older ones are then
+    removed, keeping `keep`."""
+    import shutil
+
     import numpy as np
     import torch
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    folder = work_dir / f"checkpoint-{step}"
+    tmp = work_dir / f"tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     save_file(ac.trainable_state_dict(), str(tmp / "trainable.safetensors"))
     np_state = np.random.get_state()
     torch.save({
@@ -271,12 +278,14 @@ def save_checkpoint(folder, ac, optimizer, scheduler, controllers, step, extra) 
         "python_rng": random.getstate(),
     }, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({
-        "step": step, "controllers": {k: c.state_dict() for k, c in controllers.items()}, **extra}))
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
+        "step": step, "controllers": {k: c.state_dict() for k, c in controllers.items()}}))
+    shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    older = sorted((p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))[:-keep]
+    for p in older:
+        shutil.rmtree(p, ignore_errors=True)
+    return folder
 
 
 def load_checkpoint(folder, ac, optimizer, scheduler, controllers) -> dict:
@@ -310,7 +319,7 @@ def main(cfg: PPOStageConfig) -> None:
     from rlhf.actor_critic import build_actor_critic
     from rlhf.data import fingerprint, load_records
     from rlhf.generation import encode_prompts
-    from rlhf.models import load_tokenizer, memory_footprint_mb, resolve_model
+    from rlhf.models import load_tokenizer, memory_footprint_mb, model_positions, resolve_model
     from rlhf.ppo_math import (AdaptiveKLController, FixedKLController, LagrangeController, compute_gae,
                                exact_div, kl_k3, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
                                explained_variance)
@@ -330,6 +339,11 @@ def main(cfg: PPOStageConfig) -> None:
     registry = Registry(cfg.registry)
     sft = resolve_model(cfg.sft_model, registry, stages=("sft", "pretrain"))
     rm_entry = registry.get(cfg.reward_model, stage="reward")
+    positions = model_positions(sft.path, cfg.trust_remote_code)
+    if positions and cfg.max_prompt_length + cfg.response_length > positions:
+        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) + response_length ({cfg.response_length}) "
+                          f"= {cfg.max_prompt_length + cfg.response_length} tokens, but {cfg.sft_model} has "
+                          f"{positions} positions; lower one of them")
     prompts = load_records(cfg.data, "prompt", split=cfg.data_split)
     scorer = load_scorer(cfg.toxicity)  # chosen once; never switches during the run
     data_fps = {"data": fingerprint(cfg.data, cfg.data_split)}
@@ -375,15 +389,16 @@ def main(cfg: PPOStageConfig) -> None:
     controllers = {"kl": kl_ctl, "toxicity": tox_ctl}
 
     # 3. Resume: trainable tensors, optimizer, scheduler, controllers, RNG and step.
-    ckpt_dir = run.work_dir / "checkpoint"
     metrics_path = run.work_dir / "metrics.jsonl"
+    history: list[dict] = []  # one metrics dict per step of the whole run, resumed steps included
     start_step = 0
-    if cfg.resume and (ckpt_dir / "trainer_state.json").exists():
-        start_step = load_checkpoint(ckpt_dir, ac, optimizer, scheduler, controllers)["step"]
+    ckpt = run.last_checkpoint() if cfg.resume else None
+    if ckpt is not None:
+        start_step = load_checkpoint(Path(ckpt), ac, optimizer, scheduler, controllers)["step"]
         log(f"[ppo] resumed at step {start_step}")
         if metrics_path.exists():  # keep exactly the lines of the steps the checkpoint holds
-            lines = metrics_path.read_text().splitlines()[:start_step]
-            metrics_path.write_text("".join(line + "\n" for line in lines))
+            history = [json.loads(line) for line in metrics_path.read_text().splitlines()[:start_step]]
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
     elif metrics_path.exists():
         metrics_path.unlink()
 
@@ -392,7 +407,6 @@ def main(cfg: PPOStageConfig) -> None:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.update(signal=signum))
 
     # 4. The loop: rollout -> rewards -> advantages -> update -> log.
-    history: list[dict] = []
     bar = tqdm(range(start_step, sizes.num_total_batches), initial=start_step, total=sizes.num_total_batches,
                desc="ppo", disable=rank != 0)
     step = start_step
@@ -447,7 +461,7 @@ def main(cfg: PPOStageConfig) -> None:
         all_finite = all(math.isfinite(v) for k, v in metrics.items() if k != "val/explained_variance")
         if not all_finite:
             raise UserError(f"step {step + 1}: non-finite metrics ({metrics}); stopping, last good checkpoint "
-                            f"kept in {ckpt_dir}; try a lower learning_rate")
+                            f"kept in {run.work_dir}; try a lower learning_rate")
         kl_ctl.update(kl_seq, sizes.batch_size)
         if isinstance(tox_ctl, LagrangeController):
             tox_ctl.update(metrics["objective/toxicity"])
@@ -465,9 +479,9 @@ def main(cfg: PPOStageConfig) -> None:
             log(f"[ppo] KL {metrics['objective/kl']:.2f} above kl_ceiling {cfg.kl_ceiling}: stopping early")
             break
         if rank == 0 and ((step + 1) % cfg.save_steps == 0 or stop["signal"]):
-            save_checkpoint(ckpt_dir, ac, optimizer, scheduler, controllers, step + 1, {})
+            saved = save_checkpoint(run.work_dir, ac, optimizer, scheduler, controllers, step + 1)
         if stop["signal"]:
-            log(f"[ppo] interrupted: checkpoint at step {step + 1} saved in {ckpt_dir}; rerun with --resume")
+            log(f"[ppo] interrupted: checkpoint at step {step + 1} saved in {saved}; rerun with --resume")
             raise SystemExit(130)
 
     # 5. Save the adapters and the metrics, register with parents sft and reward.
@@ -492,7 +506,7 @@ def main(cfg: PPOStageConfig) -> None:
     final.update({
         "score_first_quarter": mean(first, "objective/score"), "score_last_quarter": mean(last, "objective/score"),
         "toxicity_first_quarter": mean(first, "objective/toxicity"),
-        "toxicity_last_quarter": mean(last, "objective/toxicity"), "steps": step + 1,
+        "toxicity_last_quarter": mean(last, "objective/toxicity"), "steps": history[-1]["step"],
         "model_memory_mb": footprint,
     })
     finish(run, staged, cfg, parents=parents, metrics=final, data_fingerprints=data_fps,

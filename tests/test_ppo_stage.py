@@ -97,7 +97,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(rlhf_registry, tiny
     deadline = time.time() + 300
     state = None
     while time.time() < deadline and proc.poll() is None:  # wait for the event: a checkpoint of step >= 2
-        states = list((reg / ".work").glob("ppo-*/checkpoint/trainer_state.json"))
+        states = list((reg / ".work").glob("ppo-*/checkpoint-*/trainer_state.json"))
         if states:
             try:
                 state = json.loads(states[0].read_text())
