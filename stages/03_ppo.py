@@ -321,7 +321,7 @@ def main(cfg: PPOStageConfig) -> None:
     from rlhf.generation import encode_prompts
     from rlhf.models import load_tokenizer, memory_footprint_mb, model_positions, resolve_model
     from rlhf.ppo_math import (AdaptiveKLController, FixedKLController, LagrangeController, compute_gae,
-                               exact_div, kl_k3, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
+                               exact_div, kl_k3, kl_penalty, masked_whiten, per_token_rewards,
                                explained_variance)
     from rlhf.registry import Registry
     from rlhf.safety import load_scorer

@@ -119,28 +119,6 @@ def _load_stage():
     return module
 
 
-def register_fake_reward(reg_root: Path, seed: int = 0) -> Entry:
-    """A `reward` entry of kind `adapter` on sft:latest: a random LoRA adapter and a random score head."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    reg = Registry(reg_root)
-    sft = reg.get("sft:latest")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(sft.path))
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
-    staged = reg.staging_dir("reward")
-    get_peft_model(model, lora).save_pretrained(str(staged / "adapter"))
-    hidden = model.get_input_embeddings().weight.shape[1]
-    save_file({"weight": torch.randn(1, hidden), "bias": torch.zeros(1)}, str(staged / "score_head.safetensors"))
-    AutoTokenizer.from_pretrained(str(sft.path)).save_pretrained(str(staged))
-    return reg.register("reward", staged, parents=[sft.ref],
-                        config={"reward_kind": "adapter", "base_model": sft.ref, "load_in_4bit": False},
-                        metrics={"reward_mean": 0.5, "reward_std": 2.0, "eval_accuracy": 0.5})
-
-
 def register_fake_ppo(reg_root: Path, reward: Entry, seed: int = 1, steps: int = 5) -> Entry:
     """A `ppo` entry on sft:latest: a random (non-zero) `policy` LoRA adapter, tokenizer and a metrics.jsonl."""
     import torch
@@ -163,23 +141,17 @@ def register_fake_ppo(reg_root: Path, reward: Entry, seed: int = 1, steps: int =
                         config={"sft_model": sft.ref, "reward_model": reward.ref}, metrics=final)
 
 
-# Tiny models run fastest on one thread, and far faster on a CPU shared with other jobs.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TINY_COMPARE = ["--max_prompts", "9", "--samples_per_prompt", "2", "--max_new_tokens", "8",
                 "--max_eval_dialogues", "4", "--bootstrap_resamples", "200", "--toxicity", "profanity-check",
                 "--num_threads", "1"]
 
 
 @pytest.fixture(scope="module")
-def compare_registry(pretrained_registry, tiny_data, tmp_path_factory) -> Path:
-    """pretrain (copied) + a 2-step SFT through its CLI + fake reward and ppo entries."""
+def compare_registry(rlhf_registry, tmp_path_factory) -> Path:
+    """pretrain + a tiny SFT + a fake reward (conftest's `rlhf_registry`, copied) + a fake ppo entry."""
     reg = tmp_path_factory.mktemp("compare") / "runs"
-    shutil.copytree(pretrained_registry, reg)
-    res = run_script("stages/01_sft.py", "--registry", str(reg), "--data", str(tiny_data["sft"]),
-                     "--eval_data", str(tiny_data["sft_eval"]), "--max_steps", "2", "--gen_eval_samples", "0",
-                     env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr[-3000:]
-    register_fake_ppo(reg, register_fake_reward(reg))
+    shutil.copytree(rlhf_registry, reg)
+    register_fake_ppo(reg, Registry(reg).get("reward:latest"))
     return reg
 
 
