@@ -1,0 +1,213 @@
+"""scripts/bench_ppo.py without the TRL virtualenv: its numbers against hand-worked values, the
+child-process measurement, the option names both PPOs receive, and the JSON summary's keys.
+
+No timing assertions: the machine running the suite is shared.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, load_stage
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_ppo")
+peer = _load("bench_trl_peer")
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def test_median_mean_ratio_by_hand():
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    assert bench.median([4.0, 1.0, 3.0, 2.0]) == 2.5  # (2 + 3) / 2
+    assert bench.median([None, 5.0]) == 5.0  # a failed run (None) is left out
+    assert bench.median([]) is None
+    assert bench.mean([1.0, 2.0, 6.0]) == 3.0
+    assert bench.ratio(1.0, 4.0) == 0.25
+    assert bench.ratio(1.0, 0.0) is None and bench.ratio(None, 2.0) is None
+
+
+def test_loglog_slope_recovers_the_exponent():
+    # y = 3 x²: log y = 2 log x + log 3 exactly, so the least-squares slope is 2.
+    assert bench.loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
+    # y = 5 / x: slope −1.
+    assert bench.loglog_slope([1, 10, 100], [5, 0.5, 0.05]) == pytest.approx(-1.0)
+    # Points (1, 1), (2, 2), (4, 2): log2 x = 0, 1, 2; log2 y = 0, 1, 1;
+    # slope = Σ(dx·dy) / Σdx² = ((-1)(-2/3) + 0 + (1)(1/3)) / 2 = 0.5.
+    assert bench.loglog_slope([1, 2, 4], [1, 2, 2]) == pytest.approx(0.5)
+    assert bench.loglog_slope([2], [3]) is None
+    assert bench.loglog_slope([1, 2], [1, None]) is None  # a missing figure leaves one point
+
+
+def test_quarter_means():
+    assert bench.quarter_means([1, 2, 3, 4, 5, 6, 7, 8]) == (1.5, 7.5)  # quarter = 2 steps
+    assert bench.quarter_means([4.0]) == (4.0, 4.0)
+    assert bench.quarter_means([]) == (None, None)
+
+
+def test_ours_steps_adds_the_eos_penalty_to_the_score_as_trl_reports_it():
+    rows = [{"timing/rollout_s": 1.0, "timing/update_s": 0.5, "objective/score": 0.8, "response/eos_rate": 0.75,
+             "objective/kl": 0.1, "response/length_mean": 12.0}]
+    out = bench.ours_steps(rows, missing_eos_penalty=1.0)
+    assert out["step_s"] == [1.5]
+    assert out["score"] == [pytest.approx(0.55)]  # 0.8 − 1.0 · (1 − 0.75)
+    assert out["kl"] == [0.1] and out["rollout_s"] == [1.0] and out["update_s"] == [0.5]
+
+
+def test_trl_steps_differences_of_the_step_clock_and_metric_logs_only():
+    result = {"step_end_s": [2.0, 5.0, 6.0],
+              "logs": [{"objective/scores": 0.1, "objective/kl": 0.0}, {"objective/scores": 0.3, "objective/kl": 0.2},
+                       {"objective/scores": 0.5, "objective/kl": 0.4}, {"train_runtime": 9.0}]}
+    out = bench.trl_steps(result)
+    assert out["step_s"] == [2.0, 3.0, 1.0]
+    assert out["score"] == [0.1, 0.3, 0.5] and out["kl"] == [0.0, 0.2, 0.4]
+
+
+def _run(impl, loop_s, rss, scores, steps=(2.0, 1.0, 1.0, 1.0), ok=True):
+    return {"impl": impl, "label": "b", "ok": ok, "error": None if ok else "Boom: no", "loop_s": loop_s,
+            "episodes": 64, "wall_s": loop_s + 10, "step_s": list(steps), "peak_rss_mb": rss,
+            "peak_rss_above_baseline_mb": rss - 100, "score": scores, "kl": [0.0, 0.1, 0.2, 0.3]}
+
+
+def test_compare_medians_means_and_ratios_by_hand():
+    runs = [_run("ours", 4.0, 300, [0, 0, 0, 1]), _run("ours", 8.0, 500, [0, 0, 0, 2]),
+            _run("ours", 6.0, 400, [0, 0, 0, 3]), _run("trl", 8.0, 800, [0, 0, 0, 1]),
+            _run("trl", 12.0, 1000, [0, 0, 0, 1]), _run("trl", 0, 0, [], ok=False)]
+    out = bench.compare(runs, batch_size=16)
+    assert out["ours"]["loop_s_per_episode"] == pytest.approx(6.0 / 64)  # median of 4, 8, 6 s over 64 episodes
+    assert out["trl"]["loop_s_per_episode"] == pytest.approx(10.0 / 64)  # median of 8, 12 (the failure left out)
+    assert out["ratio_loop_s_per_episode"] == pytest.approx(0.6)
+    assert out["ratio_peak_rss_mb"] == pytest.approx(400 / 900)
+    assert out["ratio_peak_rss_above_baseline_mb"] == pytest.approx(300 / 800)
+    assert out["ours"]["steady_s_per_episode"] == pytest.approx(1.0 / 16)  # steps after the first: median 1 s
+    assert out["ours"]["score_gain"] == pytest.approx(2.0)  # last quarter − first quarter: mean of 1, 2, 3
+    assert out["ours"]["kl_last_quarter"] == pytest.approx(0.3)
+    assert out["trl"]["runs_ok"] == 2 and out["trl"]["errors"] == ["Boom: no"]
+    report = {"mode": "quick", "threads": 1, "load_before": [1.0], "configs": {"b": out}}
+    top = bench.headline(report)
+    assert top["wall_ratio_ours_over_trl"] == out["ratio_loop_s_per_episode"]
+    assert top["peak_rss_ratio_ours_over_trl"] == out["ratio_peak_rss_mb"]
+    assert top["gpt2_small_peak_rss_ratio_ours_over_trl"] is None  # that part did not run
+    json.dumps(report)  # the summary must be JSON
+    assert "| ours / TRL | 0.6 |" in bench.markdown(report)
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def test_child_peak_rss_is_its_own_not_the_parents(tmp_path):
+    """ru_maxrss would count the image a child was forked from; the small wrapper keeps it out."""
+    ballast = bytearray(300 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: 300 MiB resident in this process
+    small = bench.run_child([sys.executable, "-c", "pass"], {}, 60, tmp_path / "small.log")
+    big = bench.run_child([sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                          {}, 60, tmp_path / "big.log")
+    del ballast
+    assert small["rc"] == 0 and big["rc"] == 0
+    assert small["peak_rss_mb"] < 150
+    assert big["peak_rss_mb"] >= 200
+
+
+def test_failed_child_gives_its_error_line(tmp_path):
+    res = bench.run_child([sys.executable, "-c", "raise SystemExit('ValueError: bad shape')"], {}, 60,
+                          tmp_path / "fail.log")
+    assert res["rc"] == 1
+    assert bench.last_error_line(res["log_tail"]) == "ValueError: bad shape"
+
+
+def test_child_past_its_time_limit_is_killed(tmp_path):
+    res = bench.run_child([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1, tmp_path / "slow.log")
+    assert res["rc"] != 0
+
+
+# ---------------------------------------------------------------- what each PPO receives
+
+
+def test_our_options_parse_and_give_batch_16():
+    stage = load_stage("03_ppo.py")
+    from rlhf.config import parse_config
+
+    setup = bench.Setup(registry="r", prompts="p.jsonl", sft="sft:x", reward_adapter="reward:y",
+                        reward_model="reward:z", rm_folder="f", rm_check_max_abs_diff=0.0)
+    s = bench.Settings()
+    cfg = parse_config(stage.PPOStageConfig, bench.ours_cmd(s, setup, sft="sft:x", reward="reward:y",
+                                                            four_bit=True, seed=3))
+    assert stage.derive_sizes(cfg, world_size=1).batch_size == s.batch_size == 16
+    assert (cfg.num_ppo_epochs, cfg.num_mini_batches, cfg.response_length) == (2, 2, 32)
+    assert cfg.toxicity_coef == 0 and cfg.load_in_4bit is True and cfg.seed == 3
+    assert (cfg.learning_rate, cfg.kl_coef, cfg.missing_eos_penalty) == (s.learning_rate, s.kl_coef,
+                                                                          s.missing_eos_penalty)
+
+
+def test_peer_spec_holds_every_ppo_field_with_the_same_values():
+    s = bench.Settings()
+    spec = bench.trl_spec(s, [[1, 2]], sft_path="a", rm_path="b", policy_4bit=True, value="full",
+                          reward_4bit=False, seed=0)
+    assert set(peer.PPO_FIELDS) <= set(spec)
+    # TRL: local_batch_size = per_device × grad. accum.; minibatch = that / num_mini_batches (8 rows, as ours).
+    assert spec["per_device_train_batch_size"] * spec["gradient_accumulation_steps"] == s.batch_size
+    for k in ("learning_rate", "kl_coef", "response_length", "num_ppo_epochs", "num_mini_batches", "total_episodes"):
+        assert spec[k] == getattr(s, k)
+
+
+def test_plans_and_cli_help():
+    for quick in (True, False):
+        pl = bench.plan(quick)
+        assert len(pl["seeds"]["b"]) >= 3 and pl["lengths"] == [16, 32, 64, 128]
+        assert set(pl["widths"]) <= set(bench.SETUP_WIDTHS) and 128 in pl["widths"]
+    res = subprocess.run([sys.executable, "scripts/bench_ppo.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0 and "--skip-peer" in res.stdout and "--quick" in res.stdout
+
+
+# ---------------------------------------------------------------- profile plumbing
+
+
+def test_profile_shares_splits_calls_by_caller(tmp_path):
+    """Fake modules at paths ending like ours: policy_logits is counted under the caller that made the call."""
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "rlhf").mkdir()
+    (tmp_path / "rlhf" / "actor_critic.py").write_text(
+        "def busy(n):\n    return sum(i * i for i in range(n))\n"
+        "def policy_logits(n):\n    return busy(n)\n"
+        "def values(n):\n    return busy(n)\n"
+        "def generate(n):\n    return busy(n)\n")
+    (tmp_path / "stages" / "03_ppo.py").write_text(
+        "import actor_critic as ac\n"
+        "def rollout():\n    ac.generate(200000); ac.policy_logits(100000); ac.values(100000)\n"
+        "def ppo_update():\n    ac.policy_logits(300000); ac.values(100000)\n")
+    sys.path[:0] = [str(tmp_path / "rlhf"), str(tmp_path / "stages")]
+    try:
+        spec = importlib.util.spec_from_file_location("fake_ppo", tmp_path / "stages" / "03_ppo.py")
+        fake = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fake)
+        prof = cProfile.Profile()
+        prof.runcall(lambda: (fake.rollout(), fake.ppo_update()))
+        prof.dump_stats(str(tmp_path / "p.prof"))
+    finally:
+        del sys.path[:2]
+        sys.modules.pop("actor_critic", None)
+    out = bench.profile_shares(tmp_path / "p.prof")
+    sec, share = out["seconds"], out["share_of_loop"]
+    assert set(sec) == set(bench.PROFILED)
+    assert sec["rollout/generate"] > 0 and sec["rollout/policy_forward"] > 0 and sec["update/policy_forward"] > 0
+    assert sec["rollout/policy_forward"] <= sec["rollout"] and sec["update/policy_forward"] <= sec["update"]
+    assert share["rollout"] + share["update"] == pytest.approx(1.0)
+    assert not math.isnan(share["update/value_forward"])
