@@ -102,28 +102,31 @@ class ActorCritic(nn.Module):
             self.model.set_adapter(adapter)
             yield
 
-    def _forward(self, ids: Tensor, mask: Tensor, hidden: bool) -> Any:
+    def _forward(self, ids: Tensor, mask: Tensor, hidden: bool, logits_to_keep: int) -> Any:
+        # logits_to_keep: the LM head runs on the last N positions only (1 where only hidden states are read).
         return self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                          output_hidden_states=hidden, use_cache=False)
+                          output_hidden_states=hidden, use_cache=False, logits_to_keep=logits_to_keep)
 
-    def policy_logits(self, ids: Tensor, mask: Tensor) -> Tensor:
+    def policy_logits(self, ids: Tensor, mask: Tensor, n_response: int) -> Tensor:
+        """(B, R, V) logits predicting the last `n_response` tokens of `ids`."""
         with self.role("policy"):
-            return self._forward(ids, mask, hidden=False).logits  # (B, T, V)
+            return self._forward(ids, mask, hidden=False, logits_to_keep=n_response + 1).logits[:, :-1]
 
-    def ref_logits(self, ids: Tensor, mask: Tensor) -> Tensor:
+    def ref_logits(self, ids: Tensor, mask: Tensor, n_response: int) -> Tensor:
+        """(B, R, V) reference logits predicting the last `n_response` tokens of `ids`."""
         with self.role(None):
-            return self._forward(ids, mask, hidden=False).logits  # (B, T, V)
+            return self._forward(ids, mask, hidden=False, logits_to_keep=n_response + 1).logits[:, :-1]
 
     def values(self, ids: Tensor, mask: Tensor) -> Tensor:
         with self.role("value"):
-            h = self._forward(ids, mask, hidden=True).hidden_states[-1]  # (B, T, H)
+            h = self._forward(ids, mask, hidden=True, logits_to_keep=1).hidden_states[-1]  # (B, T, H)
         return self.value_head(h.float()).squeeze(-1)  # (B, T)
 
     @torch.no_grad()
     def reward_scores(self, ids: Tensor, mask: Tensor) -> Tensor:
         """(B,) raw RM score read at each row's last real token (never a pad)."""
         with self.role("reward"):
-            h = self._forward(ids, mask, hidden=True).hidden_states[-1]  # (B, T, H)
+            h = self._forward(ids, mask, hidden=True, logits_to_keep=1).hidden_states[-1]  # (B, T, H)
         last = last_token_index(mask)  # (B,)
         h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
         return self.reward_head(h_last.float()).squeeze(-1)  # (B,)

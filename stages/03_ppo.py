@@ -151,9 +151,10 @@ def rollout(ac, tokenizer, prompt_ids, cfg, dev):
         for i in range(0, len(query_responses), fb):
             qr, am, resp = query_responses[i:i + fb], attention_mask[i:i + fb], responses[i:i + fb]
             # Logits at position P-1+t predict response token t.
-            logits = ac.policy_logits(qr, am)[:, P - 1:-1] / cfg.temperature  # (b, R', V)
+            R = resp.shape[1]
+            logits = ac.policy_logits(qr, am, R) / cfg.temperature  # (b, R', V)
             logprobs.append(logprobs_from_logits(logits, resp))
-            ref = ac.ref_logits(qr, am)[:, P - 1:-1] / cfg.temperature
+            ref = ac.ref_logits(qr, am, R) / cfg.temperature
             ref_logprobs.append(logprobs_from_logits(ref, resp))
             values.append(ac.values(qr, am)[:, P - 1:-1])
             if ac.separate_reward is None:
@@ -225,7 +226,7 @@ def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg
                 mb_mask = batch["mask"][idx]
                 weight = mb_mask.sum().float() / n_tokens.item()  # this micro-batch's share of the tokens
                 # Policy: clipped surrogate on fresh logprobs (temperature applied as at sampling time).
-                logits = ac.policy_logits(qr, am)[:, P - 1:-1] / cfg.temperature  # (b, R, V)
+                logits = ac.policy_logits(qr, am, batch["responses"].shape[1]) / cfg.temperature  # (b, R, V)
                 new_logprobs = logprobs_from_logits(logits, batch["responses"][idx])
                 pg_loss, pg_stats = policy_loss(new_logprobs, batch["logprobs"][idx], advantages[idx], mb_mask,
                                                 cfg.cliprange)
