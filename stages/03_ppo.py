@@ -408,6 +408,11 @@ def main(cfg: PPOStageConfig) -> None:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.update(signal=signum))
 
     # 4. The loop: rollout -> rewards -> advantages -> update -> log.
+    writer = None
+    if rank == 0:  # TensorBoard events go with the entry (`finish` copies them): tensorboard --logdir runs
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.work_dir / "tensorboard"))
     bar = tqdm(range(start_step, sizes.num_total_batches), initial=start_step, total=sizes.num_total_batches,
                desc="ppo", disable=rank != 0)
     step = start_step
@@ -470,12 +475,16 @@ def main(cfg: PPOStageConfig) -> None:
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            accelerator.log(metrics, step=step + 1) if accelerator.trackers else None
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step + 1)
             bar.set_postfix({"score": f"{metrics['objective/score']:.2f}",
                              "tox": f"{metrics['objective/toxicity']:.2f}", "kl": f"{metrics['objective/kl']:.2f}"})
             if (step + 1) % cfg.sample_steps == 0:
-                for t, s, x in list(zip(texts, score.tolist(), toxicity.tolist()))[:3]:
+                samples = list(zip(texts, score.tolist(), toxicity.tolist()))[:3]
+                for t, s, x in samples:
                     log(f"[ppo] sample (score {s:+.2f}, toxicity {x:.2f}): {t[:120]!r}")
+                writer.add_text("samples", "\n\n".join(f"score {s:+.2f}, toxicity {x:.2f}: {t}" for t, s, x in samples),
+                                step + 1)
         if metrics["objective/kl"] > cfg.kl_ceiling:
             log(f"[ppo] KL {metrics['objective/kl']:.2f} above kl_ceiling {cfg.kl_ceiling}: stopping early")
             break
@@ -483,11 +492,14 @@ def main(cfg: PPOStageConfig) -> None:
             saved = save_checkpoint(run.work_dir, ac, optimizer, scheduler, controllers, step + 1)
         if stop["signal"]:
             log(f"[ppo] interrupted: checkpoint at step {step + 1} saved in {saved}; rerun with --resume")
+            if writer is not None:
+                writer.close()
             raise SystemExit(130)
 
     # 5. Save the adapters and the metrics, register with parents sft and reward.
     if rank != 0:
         return
+    writer.close()
     staged = run.registry.staging_dir("ppo")
     ac.model.save_pretrained(str(staged), selected_adapters=["policy", "value"])
     from safetensors.torch import save_file

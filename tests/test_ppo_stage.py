@@ -79,6 +79,7 @@ def test_cli_end_to_end_trains_the_policy_and_registers_with_parents(rlhf_regist
     rows = [json.loads(line) for line in (ppo.path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"objective/score", "objective/toxicity", "objective/kl", "val/explained_variance",
                                "timing/rollout_s", "episodes_per_s"} <= set(rows[0])
+    assert list((ppo.path / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events in the entry"
     assert not list((reg / ".work").glob("ppo-*")), "work folder left behind after registering"
 
 
