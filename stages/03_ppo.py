@@ -20,6 +20,9 @@ Batch sizes (per process unless "global"):
     local_batch_size            = local_mini_batch_size × num_mini_batches   (prompts sampled per step)
     batch_size (global)         = local_batch_size × world_size
     num_total_batches           = ceil(total_episodes / batch_size)          (PPO steps)
+
+Every size is a product of the options, so minibatches always split a rollout batch exactly;
+only the number of steps rounds (up) when total_episodes is not a multiple of batch_size.
     local_rollout_forward_batch_size  rows per no-grad forward during the rollout
 
 Per response: score = (RM − reward_mean) / reward_std (stats from the reward entry),
@@ -322,7 +325,7 @@ def main(cfg: PPOStageConfig) -> None:
     from rlhf.generation import encode_prompts
     from rlhf.models import load_tokenizer, memory_footprint_mb, model_positions, resolve_model
     from rlhf.ppo_math import (AdaptiveKLController, FixedKLController, LagrangeController, compute_gae,
-                               exact_div, kl_k3, kl_penalty, masked_whiten, per_token_rewards,
+                               kl_k3, kl_penalty, masked_whiten, per_token_rewards,
                                explained_variance)
     from rlhf.registry import Registry
     from rlhf.safety import load_scorer
@@ -331,10 +334,6 @@ def main(cfg: PPOStageConfig) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dev, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     sizes = derive_sizes(cfg, world)
-    try:
-        exact_div(sizes.local_batch_size, cfg.num_mini_batches, "local_batch_size / num_mini_batches")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
     # 1. Inputs: SFT base, reward entry, prompts, toxicity scorer.
     registry = Registry(cfg.registry)
