@@ -182,27 +182,26 @@ def test_plans_and_cli_help():
 
 def test_profile_shares_splits_calls_by_caller(tmp_path):
     """Fake modules at paths ending like ours: policy_logits is counted under the caller that made the call."""
-    (tmp_path / "stages").mkdir()
     (tmp_path / "rlhf").mkdir()
     (tmp_path / "rlhf" / "actor_critic.py").write_text(
         "def busy(n):\n    return sum(i * i for i in range(n))\n"
         "def policy_logits(n):\n    return busy(n)\n"
         "def values(n):\n    return busy(n)\n"
         "def generate(n):\n    return busy(n)\n")
-    (tmp_path / "stages" / "03_ppo.py").write_text(
+    (tmp_path / "rlhf" / "ppo.py").write_text(
         "import actor_critic as ac\n"
         "def rollout():\n    ac.generate(200000); ac.policy_logits(100000); ac.values(100000)\n"
         "def ppo_update():\n    ac.policy_logits(300000); ac.values(100000)\n")
-    sys.path[:0] = [str(tmp_path / "rlhf"), str(tmp_path / "stages")]
+    sys.path[:0] = [str(tmp_path / "rlhf")]
     try:
-        spec = importlib.util.spec_from_file_location("fake_ppo", tmp_path / "stages" / "03_ppo.py")
+        spec = importlib.util.spec_from_file_location("fake_ppo", tmp_path / "rlhf" / "ppo.py")
         fake = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(fake)
         prof = cProfile.Profile()
         prof.runcall(lambda: (fake.rollout(), fake.ppo_update()))
         prof.dump_stats(str(tmp_path / "p.prof"))
     finally:
-        del sys.path[:2]
+        del sys.path[:1]
         sys.modules.pop("actor_critic", None)
     out = bench.profile_shares(tmp_path / "p.prof")
     sec, share = out["seconds"], out["share_of_loop"]

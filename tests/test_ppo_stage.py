@@ -56,6 +56,44 @@ def test_two_processes_match_one_process_on_the_same_global_batch(rlhf_registry,
                          atol=1e-5)
 
 
+@pytest.mark.parametrize("load_in_4bit,temperature", [(False, 1.0), (True, 0.7)])
+def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_registry, tiny_data,
+                                                                       load_in_4bit, temperature):
+    """The rollout takes the policy's logprobs from `generate`'s logits instead of a second forward; they must be
+    what the update's forward computes on the same rows (so the first PPO ratio is 1), at any temperature."""
+    from types import SimpleNamespace
+
+    from rlhf.actor_critic import build_actor_critic
+    from rlhf.data import load_records
+    from rlhf.generation import encode_prompts
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo import rollout
+    from rlhf.ppo_math import logprobs_from_logits
+
+    model = _model_dir(rlhf_registry)
+    reward = Registry(rlhf_registry).get("reward:latest").path  # an adapter + head on this SFT model
+    tok = load_tokenizer(model)
+    ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
+                            lora_target_modules="all-linear", reward_adapter=reward / "adapter",
+                            reward_head=reward / "score_head.safetensors", separate_reward=None,
+                            device=torch.device("cpu"))
+    with torch.no_grad():  # a policy adapter that differs from the reference
+        for name, p in ac.model.named_parameters():
+            if ".policy." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    prompts = [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]]
+    cfg = SimpleNamespace(temperature=temperature, response_length=12, local_rollout_forward_batch_size=4)
+    torch.manual_seed(0)
+    batch = rollout(ac, tok, encode_prompts(tok, prompts, 32), cfg, torch.device("cpu"))
+    resp, mask = batch["responses"], batch["mask"].bool()
+    with torch.no_grad():
+        logits = ac.policy_logits(batch["query_responses"], batch["attention_mask"], resp.shape[1]) / temperature
+        fresh = logprobs_from_logits(logits, resp)
+    assert batch["logprobs"].shape == resp.shape == mask.shape
+    torch.testing.assert_close(batch["logprobs"][mask], fresh[mask], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(batch["logprobs"][mask], batch["ref_logprobs"][mask], atol=1e-3)
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "runs"
     shutil.copytree(src, dst)

@@ -27,6 +27,7 @@ def main(model_dir: str, out: str, micro_batch: int | None = None) -> None:
     from conftest import load_stage
     from rlhf.actor_critic import build_actor_critic
     from rlhf.models import load_tokenizer
+    from rlhf.ppo import ppo_update
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -58,7 +59,7 @@ def main(model_dir: str, out: str, micro_batch: int | None = None) -> None:
     sizes = ppo.derive_sizes(cfg, world)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ppo.ppo_update(ac, opt, sched, params, local, advantages[rows], returns[rows], cfg, sizes, step_seed=0)
+    ppo_update(ac, opt, sched, params, local, advantages[rows], returns[rows], cfg, sizes, step_seed=0)
     if rank == 0:
         save_file(ac.trainable_state_dict(), out)
     if world > 1:

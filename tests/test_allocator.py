@@ -1,0 +1,59 @@
+"""rlhf.allocator: in the update phase, memory freed by large tensors leaves the process."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PROBE = """
+import sys
+import torch
+from rlhf.allocator import FreedMemory
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+freed = FreedMemory(float(sys.argv[1]))
+before = rss_mb()
+freed.rollout()
+x = torch.ones(4 * 2**20)  # a rollout-phase tensor, served by the heap, below a tensor that lives on
+keep = [torch.ones(1000)]
+del x
+freed.update()  # hands the heap's free pages back, then maps large tensors
+applied = freed.active
+for _ in range(4):  # 16 MiB activations freed after use, small tensors living on in between
+    x = torch.ones(4 * 2**20)
+    keep.append(torch.ones(1000))
+    del x
+print(applied, rss_mb() - before)
+"""
+
+
+def _retained_mb(threshold_mb: float) -> tuple[bool, float]:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(threshold_mb)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120, check=True).stdout.split()
+    return out[0] == "True", float(out[1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_freed_large_tensors_are_returned_to_the_system():
+    """A tensor the rollout freed in the heap's middle goes back at the switch to the update (malloc_trim);
+    the update's large tensors go back when freed (mmap threshold)."""
+    applied, retained = _retained_mb(4)
+    assert applied
+    assert retained < 8, f"{retained:.1f} MiB of freed 16 MiB tensors still resident"
+    # The control: glibc's default keeps the freed tensors in the heap (what the setting is for).
+    applied, retained_default = _retained_mb(0)
+    assert not applied and retained_default >= 16
+
+
+def test_a_limit_set_by_the_user_in_the_environment_is_left_alone(monkeypatch):
+    from rlhf.allocator import FreedMemory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert FreedMemory(4).active is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert FreedMemory(0).active is False
