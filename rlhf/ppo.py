@@ -108,6 +108,19 @@ def global_whiten(x, mask, world_size: int):
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), x)
 
 
+def trim_columns(attention_mask, P: int) -> tuple[int, int, int]:
+    """(lead, prompt width, response width) of the smallest column window holding every real token.
+
+    Rows are left-padded to the whole batch's longest prompt and right-padded after their EOS, so a
+    micro-batch often has columns that are padding in every row; with position ids from the mask,
+    dropping them leaves every real token's logits and values unchanged (and costs nothing to compute).
+    Columns `lead:P + r` are kept; every row has at least one prompt and one response token.
+    """
+    real = attention_mask.bool().any(dim=0).nonzero().squeeze(1)  # real columns; contiguous around P
+    lead, end = int(real[0]), int(real[-1]) + 1
+    return lead, P - lead, end - P
+
+
 def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg, sizes, step_seed):
     """`num_ppo_epochs` × `num_mini_batches` optimizer steps over one rollout batch; returns mean stats.
 
@@ -133,14 +146,18 @@ def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg
             optimizer.zero_grad(set_to_none=True)
             for micro_start in range(0, len(mini), mbs):
                 idx = mini[micro_start:micro_start + mbs]
-                qr, am = batch["query_responses"][idx], batch["attention_mask"][idx]
-                mb_mask = batch["mask"][idx]
+                # Only the columns where some row of this micro-batch has a real token (see trim_columns).
+                lead, p_mb, r = trim_columns(batch["attention_mask"][idx], P)
+                qr = batch["query_responses"][idx, lead:P + r]
+                am = batch["attention_mask"][idx, lead:P + r]
+                resp, mb_mask = batch["responses"][idx, :r], batch["mask"][idx, :r]
+                old_logprobs, old_values = batch["logprobs"][idx, :r], batch["values"][idx, :r]
+                mb_adv, mb_ret = advantages[idx, :r], returns[idx, :r]
                 weight = mb_mask.sum().float() / n_tokens.item()  # this micro-batch's share of the tokens
                 # Policy: clipped surrogate on fresh logprobs (temperature applied as at sampling time).
-                logits = ac.policy_logits(qr, am, batch["responses"].shape[1]) / cfg.temperature  # (b, R, V)
-                new_logprobs = logprobs_from_logits(logits, batch["responses"][idx])
-                pg_loss, pg_stats = policy_loss(new_logprobs, batch["logprobs"][idx], advantages[idx], mb_mask,
-                                                cfg.cliprange)
+                logits = ac.policy_logits(qr, am, r) / cfg.temperature  # (b, r, V)
+                new_logprobs = logprobs_from_logits(logits, resp)
+                pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs, mb_adv, mb_mask, cfg.cliprange)
                 if not torch.isfinite(pg_loss):
                     raise UserError("non-finite policy loss (NaN/inf logits or ratios); stopping before the update, "
                                     "the last good checkpoint is kept; try a lower learning_rate or temperature")
@@ -149,9 +166,8 @@ def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg
                     entropy = masked_mean(entropy_from_logits(logits.detach()), mb_mask)
                 del logits
                 # Value: clipped regression to the GAE returns (value adapter and head).
-                new_values = ac.values(qr, am)[:, P - 1:-1]
-                vf_loss, vf_stats = value_loss(new_values, batch["values"][idx], returns[idx], mb_mask,
-                                               cfg.cliprange_value)
+                new_values = ac.values(qr, am)[:, p_mb - 1:-1]
+                vf_loss, vf_stats = value_loss(new_values, old_values, mb_ret, mb_mask, cfg.cliprange_value)
                 if not torch.isfinite(vf_loss):
                     raise UserError("non-finite value loss; stopping before the update, the last good checkpoint is kept")
                 (cfg.vf_coef * vf_loss * weight).backward()

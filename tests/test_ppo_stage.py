@@ -94,6 +94,20 @@ def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_regi
     assert not torch.allclose(batch["logprobs"][mask], batch["ref_logprobs"][mask], atol=1e-3)
 
 
+def test_trim_columns_keeps_exactly_the_window_of_real_tokens():
+    """A micro-batch drops the prompt columns padded in all its rows (left) and the response columns after
+    every row's last token (right), and nothing else."""
+    from rlhf.ppo import trim_columns
+
+    P = 5  # prompts left-padded to 5 tokens, responses right-padded to 4
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0],
+                         [0, 0, 0, 1, 1, 1, 0, 0, 0],
+                         [0, 0, 0, 0, 1, 1, 1, 1, 0]])
+    assert trim_columns(mask, P) == (2, 3, 3)
+    assert trim_columns(mask[1:2], P) == (3, 2, 1)
+    assert trim_columns(torch.ones(2, 9, dtype=torch.long), P) == (0, 5, 4)
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "runs"
     shutil.copytree(src, dst)

@@ -40,13 +40,17 @@ def main(model_dir: str, out: str, micro_batch: int | None = None) -> None:
                             reward_adapter=None, reward_head=None, separate_reward=None, device=torch.device("cpu"))
     params = [p for _, p in ac.trainable_named_parameters()]
 
-    # A fixed global rollout: 8 rows, prompt 5 tokens, response 6 tokens with ragged lengths.
+    # A fixed global rollout: 8 rows, prompts left-padded to 5 tokens and responses right-padded to 6, both
+    # ragged, so micro-batches of one row and of several drop different padding columns (rlhf.ppo.trim_columns).
     g = torch.Generator().manual_seed(1)
     B, P, R = 8, 5, 6
     qr = torch.randint(10, len(tok) - 10, (B, P + R), generator=g)
+    prompt_lengths = torch.tensor([5, 2, 3, 5, 1, 4, 5, 3])
     lengths = torch.tensor([6, 3, 5, 1, 6, 2, 4, 6])
+    pmask = (torch.arange(P)[None] >= P - prompt_lengths[:, None]).long()
     mask = (torch.arange(R)[None] < lengths[:, None]).long()
-    batch = {"query_responses": qr, "attention_mask": torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1),
+    qr = qr.masked_fill(torch.cat([pmask, mask], 1) == 0, tok.pad_token_id)
+    batch = {"query_responses": qr, "attention_mask": torch.cat([pmask, mask], 1),
              "responses": qr[:, P:], "mask": mask, "P": P,
              "logprobs": -torch.rand(B, R, generator=g) - 3, "values": torch.randn(B, R, generator=g)}
     advantages, returns = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g)
