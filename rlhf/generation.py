@@ -81,3 +81,25 @@ def generate_replies(
                 ended.append(has_eos)
     model.train(was_training)
     return texts, ended
+
+
+def sample_responses(model: Any, tokenizer: Any, rows: list[list[int]], *, batch_size: int, temperature: float,
+                     top_p: float, max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
+    """Sampled response ids for prompt token rows (cut after the first EOS, which is kept) and whether each has one."""
+    import torch
+
+    dev = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    responses, ended = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            ids, mask = left_pad(rows[start:start + batch_size], tokenizer.pad_token_id)  # (b, P)
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=eos)
+            for row in out[:, ids.shape[1]:].tolist():
+                has_eos = eos in row
+                responses.append(row[: row.index(eos) + 1] if has_eos else row)
+                ended.append(has_eos)
+    return responses, ended

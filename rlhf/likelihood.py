@@ -1,0 +1,73 @@
+"""Log-likelihoods of given tokens under a causal LM: sampled responses and held-out assistant turns.
+
+Used by the comparison (stage 04) for KL to the base model and held-out perplexity.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: list[list[int]],
+                          temperature: float, batch_size: int):
+    """(N,) Σ_t log p(response token t | prompt, earlier tokens) with logits / temperature (numpy)."""
+    import numpy as np
+    import torch
+
+    from rlhf.actor_critic import position_ids
+    from rlhf.generation import left_pad
+    from rlhf.ppo_math import logprobs_from_logits
+    from rlhf.reward_model import right_pad
+
+    dev = next(model.parameters()).device
+    sums = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            p_ids, p_mask = left_pad(rows[start:start + batch_size], pad_id)  # (b, P)
+            r_ids, r_mask = right_pad(responses[start:start + batch_size], pad_id)  # (b, R)
+            ids, mask = torch.cat([p_ids, r_ids], 1).to(dev), torch.cat([p_mask, r_mask], 1).to(dev)
+            R = r_ids.shape[1]
+            # The last R + 1 positions: position P−1+t predicts response token t.
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                           logits_to_keep=R + 1, use_cache=False).logits[:, :-1]  # (b, R, V)
+            logprobs = logprobs_from_logits(logits.float() / temperature, r_ids.to(dev))  # (b, R)
+            sums.append((logprobs * r_mask.to(dev)).sum(-1).cpu())
+    return torch.cat(sums).double().numpy() if sums else np.zeros(0)
+
+
+def assistant_token_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a dialogue; mask 1 on assistant tokens (the template's {% generation %} blocks,
+    or, for templates without them, the last assistant turn)."""
+    if re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), list(enc["assistant_masks"])
+    prompt = list(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+    full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+    return full, [0] * n + [1] * (len(full) - n)
+
+
+def assistant_nll(model, tokenizer, dialogues: list[dict], max_length: int, batch_size: int) -> tuple[float, int]:
+    """(Σ −log p, number of tokens) over the assistant tokens of the dialogues (first max_length tokens each)."""
+    import torch
+
+    from rlhf.ppo_math import logprobs_from_logits
+    from rlhf.reward_model import right_pad
+
+    dev = next(model.parameters()).device
+    encoded = [assistant_token_mask(tokenizer, d["messages"]) for d in dialogues]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            ids, attn = right_pad([e[0][:max_length] for e in chunk], tokenizer.pad_token_id)  # (b, T)
+            target_mask, _ = right_pad([e[1][:max_length] for e in chunk], 0)  # (b, T)
+            ids, attn = ids.to(dev), attn.to(dev)
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]  # (b, T−1, V)
+            logprobs = logprobs_from_logits(logits.float(), ids[:, 1:])  # (b, T−1)
+            m = (target_mask[:, 1:].to(dev) * attn[:, 1:]).float()
+            nll -= float((logprobs * m).sum())
+            count += int(m.sum())
+    return nll, count
