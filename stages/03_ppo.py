@@ -69,6 +69,8 @@ class PPOStageConfig(StageConfig):
     response_length: int = _help("Maximum new tokens per response.", default=32)
     temperature: float = _help("Sampling temperature (also applied to the logits used for logprobs).", default=1.0)
     learning_rate: float = _help("AdamW learning rate (linear decay to 0).", default=3e-4)
+    vf_learning_rate: float | None = _help("Learning rate of the value adapter and head (OpenRLHF's "
+                                           "critic_learning_rate); unset: learning_rate.", default=None)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
     kl_coef: float = _help("β: KL penalty coefficient (initial value when adaptive).", default=0.05)
     kl_estimator: str = _help("k1 (log ratio) or k3 (Schulman's unbiased, non-negative).", default="k1")
@@ -102,6 +104,8 @@ class PPOStageConfig(StageConfig):
                        "temperature", "learning_rate", "lora_r", "save_steps", "logging_steps", "sample_steps")
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.vf_learning_rate is not None and not self.vf_learning_rate > 0:
+            raise ConfigError(f"vf_learning_rate must be > 0 (or unset to use learning_rate), got {self.vf_learning_rate}")
         if not 0 <= self.cpu_mmap_threshold_mb <= 32:
             raise ConfigError(f"cpu_mmap_threshold_mb must be in [0, 32] (glibc's range; 0 = its default), "
                               f"got {self.cpu_mmap_threshold_mb}")
@@ -194,7 +198,11 @@ def main(cfg: PPOStageConfig) -> None:
 
     named = ac.trainable_named_parameters()
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
+    critic = [p for n, p in named if ".policy." not in n]  # value adapter and value head
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in named if ".policy." in n], "lr": cfg.learning_rate},
+        {"params": critic, "lr": cfg.vf_learning_rate if cfg.vf_learning_rate is not None else cfg.learning_rate},
+    ], eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / sizes.num_total_batches))
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl

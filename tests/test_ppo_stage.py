@@ -176,6 +176,24 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(rlhf_registry, tiny
     assert not list((reg / ".work").glob("ppo-*")) and not list((reg / ".staging").glob("ppo-*"))
 
 
+def test_critic_learning_rate_applies_to_the_value_adapter_and_head_only(rlhf_registry, tiny_data, tmp_path):
+    """--vf_learning_rate near 0 leaves the critic at its start (the reward adapter and head) while the policy
+    still trains at learning_rate."""
+    reg = _copy(rlhf_registry, tmp_path)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO,
+                     "--vf_learning_rate", "1e-12")
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = Registry(reg)
+    ppo, reward = r.get("ppo:latest"), r.get("reward:latest")
+    value = load_file(str(ppo.path / "value" / "adapter_model.safetensors"))
+    start = load_file(str(reward.path / "adapter" / "adapter_model.safetensors"))
+    _assert_same_tensors(value, start, atol=1e-8)
+    _assert_same_tensors(load_file(str(ppo.path / "value_head.safetensors")),
+                         load_file(str(reward.path / "score_head.safetensors")), atol=1e-8)
+    policy = load_file(str(ppo.path / "policy" / "adapter_model.safetensors"))
+    assert any(float(t.abs().max()) > 1e-4 for k, t in policy.items() if "lora_B" in k), "the policy did not train"
+
+
 def test_batch_sizes_that_do_not_divide_are_refused_with_the_names(rlhf_registry, tiny_data, tmp_path):
     reg = _copy(rlhf_registry, tmp_path)
     res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]),
