@@ -130,13 +130,39 @@ def fit_embeddings(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase
     that model: refused (`check_vocab`) before anything is resized.
     """
     check_vocab(model, tokenizer, where)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    n_old = model.get_input_embeddings().weight.shape[0]
+    if n_old < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        init_new_rows(model, n_old)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def init_new_rows(model: "PreTrainedModel", n_old: int) -> None:
+    """Rows `n_old:` of the input (and untied output) embeddings: mean + std · z of the old rows, per dimension,
+    with z drawn from a generator seeded by `n_old` alone.
+
+    The same on every load: LoRA keeps these rows frozen, and the merged SFT model is rebuilt by loading the
+    base again, so random rows (transformers' default) would differ between training and the merged model.
+    """
+    import torch
+
+    layers = [model.get_input_embeddings()]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != layers[0].weight.data_ptr():
+        layers.append(out)
+    with torch.no_grad():
+        for layer in layers:
+            w = layer.weight
+            old = w[:n_old].float()
+            g = torch.Generator().manual_seed(n_old)
+            z = torch.randn(w.shape[0] - n_old, w.shape[1], generator=g)
+            w[n_old:] = (old.mean(0) + old.std(0) * z).to(w.dtype)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[n_old:] = layer.bias[:n_old].mean()
 
 
 def quantization_config(load_in_4bit: bool) -> Any:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch.testing import assert_close as torch_testing_assert_close
 
 from conftest import ROOT, run_script
 from rlhf import chat_format
@@ -190,6 +191,55 @@ def test_lora_keeps_adapter_and_saves_a_merged_plain_model(pretrained_registry, 
     assert any(k.startswith("transformer.h.") for k in changed), "merging the adapter changed nothing"
     for key in SFT_METRICS:
         assert key in entry.metrics, key
+
+
+def _base_without_chat_template(folder: Path) -> Path:
+    """A hub-like base: tiny GPT-2 whose own BPE tokenizer has no chat template, pad or role tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["hello there, how are you?", "I am fine, thanks. And you?"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_new_token_rows_are_the_same_on_every_load_and_in_the_merged_lora_model(tiny_data, tmp_path):
+    """A base without a chat template gets pad, role and end-of-turn tokens with new embedding rows. LoRA keeps
+    them frozen and the merged SFT model is rebuilt from a fresh load of the base, so the rows must not depend
+    on the random state: the merged entry holds exactly the rows training saw, distinct per token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.models import fit_embeddings, load_model, load_tokenizer
+
+    base = _base_without_chat_template(tmp_path / "base")
+    n_base = len(AutoTokenizer.from_pretrained(base))
+    tok = load_tokenizer(str(base))
+    rows = []
+    for seed in (0, 1):  # two loads in different random states
+        torch.manual_seed(seed)
+        model = load_model(str(base))
+        fit_embeddings(model, tok)
+        rows.append(model.get_input_embeddings().weight.detach()[n_base:].clone())
+    torch_testing_assert_close(rows[0], rows[1])
+    new = rows[0]
+    gaps = (new[:, None] - new[None]).norm(dim=-1) + torch.eye(len(new)) * 1e9  # (n, n) distances between rows
+    assert len(new) >= 3 and gaps.min() > 0.1 * new.norm(dim=-1).mean(), "new tokens share one embedding"
+
+    reg = tmp_path / "runs"
+    res = _sft(reg, tiny_data, "--mode", "lora", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+               "--max_steps", "2", "--gen_eval_samples", "0", model=str(base))
+    assert res.returncode == 0, res.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(_only_sft_entry(reg).path)
+    torch_testing_assert_close(merged.get_input_embeddings().weight.detach()[n_base:], rows[0])
 
 
 def test_qlora_runs_end_to_end_on_cpu(pretrained_registry, tiny_data, tmp_path):
