@@ -94,7 +94,7 @@ class PPOStageConfig(StageConfig):
     sample_steps: int = _help("Log a few sample responses every N PPO steps.", default=10)
     save_steps: int = _help("Checkpoint every N PPO steps (for --resume).", default=10)
     cpu_mmap_threshold_mb: float = _help("glibc: CPU tensors of at least this many MiB go back to the system when freed "
-                                         "during loading and the update (peak RSS on GPT-2 small 4.4 -> 2.7 GiB); 0: glibc's default "
+                                         "during loading and the update (peak RSS on GPT-2 small 4.4 -> 2.6 GiB); 0: glibc's default "
                                          "(rlhf/allocator.py).", default=4.0)
     trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
 
