@@ -39,6 +39,29 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch
     return ids, mask
 
 
+def generate_ids(model: Any, tokenizer: Any, rows: list[list[int]], *, max_new_tokens: int, do_sample: bool,
+                 temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32) -> tuple[list[list[int]], list[bool]]:
+    """Response ids for prompt token rows (cut after the first EOS, which is kept) and whether each has one."""
+    import torch
+
+    dev = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    responses, ended = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            ids, mask = left_pad(rows[start:start + batch_size], tokenizer.pad_token_id)  # (b, P)
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kwargs)
+            for row in out[:, ids.shape[1]:].tolist():
+                has_eos = eos in row
+                responses.append(row[: row.index(eos) + 1] if has_eos else row)
+                ended.append(has_eos)
+    return responses, ended
+
+
 def generate_replies(
     model: Any,
     tokenizer: Any,
@@ -57,49 +80,11 @@ def generate_replies(
 
     if seed is not None:
         torch.manual_seed(seed)
-    dev = next(model.parameters()).device
-    encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
-    texts: list[str] = []
-    ended: list[bool] = []
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            ids, mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id)
-            kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-            out = model.generate(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, **kwargs,
-            )
-            for row in out[:, ids.shape[1]:].tolist():
-                has_eos = tokenizer.eos_token_id in row
-                if has_eos:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-                ended.append(has_eos)
+    responses, ended = generate_ids(model, tokenizer, encode_prompts(tokenizer, prompts, max_prompt_length),
+                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                    top_p=top_p, batch_size=batch_size)
     model.train(was_training)
+    texts = [tokenizer.decode(r[:-1] if e else r, skip_special_tokens=True).strip() for r, e in zip(responses, ended)]
     return texts, ended
-
-
-def sample_responses(model: Any, tokenizer: Any, rows: list[list[int]], *, batch_size: int, temperature: float,
-                     top_p: float, max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
-    """Sampled response ids for prompt token rows (cut after the first EOS, which is kept) and whether each has one."""
-    import torch
-
-    dev = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    responses, ended = [], []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            ids, mask = left_pad(rows[start:start + batch_size], tokenizer.pad_token_id)  # (b, P)
-            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
-                                 temperature=temperature, top_p=top_p, top_k=0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=eos)
-            for row in out[:, ids.shape[1]:].tolist():
-                has_eos = eos in row
-                responses.append(row[: row.index(eos) + 1] if has_eos else row)
-                ended.append(has_eos)
-    return responses, ended

@@ -169,7 +169,7 @@ def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialo
     """Samples, their log-probs, greedy held-out replies and held-out NLL of one model."""
     import torch
 
-    from rlhf.generation import encode_prompts, generate_replies, sample_responses
+    from rlhf.generation import encode_prompts, generate_ids, generate_replies
     from rlhf.likelihood import assistant_nll, response_logprob_sums
     from rlhf.models import context_length
 
@@ -181,9 +181,8 @@ def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialo
     prompt_ids = encode_prompts(tokenizer, [p["messages"] for p in prompts], prompt_length)
     rows = [ids for ids in prompt_ids for _ in range(cfg.samples_per_prompt)]
     torch.manual_seed(cfg.seed)  # the same seed for every model
-    responses, has_eos = sample_responses(model, tokenizer, rows, batch_size=cfg.batch_size,
-                                          temperature=cfg.temperature, top_p=cfg.top_p,
-                                          max_new_tokens=cfg.max_new_tokens)
+    responses, has_eos = generate_ids(model, tokenizer, rows, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size)
     eos = tokenizer.eos_token_id
     texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in responses]
     greedy, _ = generate_replies(model, tokenizer, [d["messages"][:-1] for d in dialogues],
