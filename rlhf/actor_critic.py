@@ -10,7 +10,9 @@ named LoRA adapters:
 
 The value adapter and head start from the reward model's (as DeepSpeed-Chat and
 OpenRLHF initialize the critic from the RM) when the reward entry is an adapter
-trained on this same base; otherwise the value adapter is fresh, its head zero,
+trained on this same base. A value rank above the reward adapter's widens that
+copy (`widen_adapter`): the critic still starts as the reward model and gets more
+directions to fit the returns with. Otherwise the value adapter is fresh, its head zero,
 and the reward model is loaded on its own (`rlhf.reward_scoring.load_reward_scorer`),
 scoring decoded responses with its own tokenizer. One copy of
 the base weights serves all four roles, which is where the memory goes.
@@ -136,6 +138,43 @@ class ActorCritic(nn.Module):
             return self.model.generate(**kwargs)
 
 
+def widen_adapter(model: Any, source: str, target: str, r: int) -> None:
+    """Add adapter `target` of rank `r` computing what adapter `source` computes.
+
+    Same modules and scaling α/r as `source` (α grows with r): A's first r₀ rows and B's first
+    r₀ columns are the source's, the other rows of A keep peft's random init and the other
+    columns of B are 0, so B·A (and the output) is unchanged while all r directions train.
+    """
+    from peft import LoraConfig
+
+    src = model.peft_config[source]
+    if r < src.r:
+        raise ValueError(f"value_lora_r ({r}) is below the reward adapter's rank ({src.r}): the value adapter "
+                         f"starts as a copy of the reward adapter, so its rank must be at least {src.r}")
+    config = LoraConfig(r=r, lora_alpha=src.lora_alpha * r / src.r, lora_dropout=0.0,
+                        target_modules=src.target_modules, fan_in_fan_out=src.fan_in_fan_out,
+                        use_rslora=src.use_rslora, task_type=src.task_type)
+    model.add_adapter(target, config)
+    if src.use_rslora:  # scaling α/√r: keep B·A·scaling by rescaling the copied columns of B
+        ratio = (src.lora_alpha / src.r ** 0.5) / (config.lora_alpha / r ** 0.5)
+    else:
+        ratio = 1.0
+    with torch.no_grad():
+        for module in model.modules():
+            if source in getattr(module, "lora_A", {}) and target in module.lora_A:
+                r0 = module.r[source]
+                module.lora_A[target].weight[:r0].copy_(module.lora_A[source].weight)
+                module.lora_B[target].weight.zero_()
+                module.lora_B[target].weight[:, :r0].copy_(module.lora_B[source].weight * ratio)
+
+
+def adapter_rank(folder: Path) -> int:
+    """The LoRA rank `r` of a saved peft adapter folder."""
+    import json
+
+    return int(json.loads((Path(folder) / "adapter_config.json").read_text())["r"])
+
+
 def build_actor_critic(
     sft_path: str,
     tokenizer: Any,
@@ -148,6 +187,7 @@ def build_actor_critic(
     reward_head: Path | None,
     separate_reward: Any | None,
     device: torch.device,
+    value_lora_r: int | None = None,
     trust_remote_code: bool = False,
 ) -> ActorCritic:
     """Load the base once and attach the adapters (see module docstring)."""
@@ -165,12 +205,18 @@ def build_actor_critic(
     model = get_peft_model(base, lora, adapter_name="policy")
     hidden = base.get_input_embeddings().weight.shape[1]
     if reward_adapter is not None:
-        model.load_adapter(str(reward_adapter), adapter_name="value", is_trainable=True)
+        copy = value_lora_r is None or value_lora_r == adapter_rank(reward_adapter)
+        if copy:
+            model.load_adapter(str(reward_adapter), adapter_name="value", is_trainable=True)
         model.load_adapter(str(reward_adapter), adapter_name="reward", is_trainable=False)
+        if not copy:
+            widen_adapter(model, "reward", "value", value_lora_r)
         value_head = load_head(reward_head, hidden, device)
         frozen_head = load_head(reward_head, hidden, device)
     else:
-        model.add_adapter("value", lora)
+        model.add_adapter("value", lora if value_lora_r is None else LoraConfig(
+            r=value_lora_r, lora_alpha=lora_alpha * value_lora_r / lora_r, lora_dropout=0.0,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
         value_head = nn.Linear(hidden, 1).to(device)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)

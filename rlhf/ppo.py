@@ -59,26 +59,50 @@ def rollout(ac, tokenizer, prompt_ids, cfg, dev):
                           for t, step in enumerate(out.logits)], dim=1)  # (B, R')
     del out
 
-    ref_logprobs, values, rm_scores = [], [], []
+    # Reference, value and reward forwards in chunks of `local_rollout_forward_batch_size` rows, each cut
+    # to its own window of real tokens (trim_columns); with `group_by_length` the chunks take rows in
+    # order of length, so short rows are not padded to the longest. Positions past a row's last real
+    # token stay 0 (masked everywhere downstream).
+    B = len(query_responses)
+    ref_logprobs = torch.zeros(B, R, device=dev)
+    values = torch.zeros(B, R, device=dev)
+    rm_scores = torch.zeros(B, device=dev) if ac.separate_reward is None else None
     fb = cfg.local_rollout_forward_batch_size
     with torch.no_grad():
-        for i in range(0, len(query_responses), fb):
-            qr, am, resp = query_responses[i:i + fb], attention_mask[i:i + fb], responses[i:i + fb]
-            ref = ac.ref_logits(qr, am, R) / cfg.temperature  # (b, R', V): position P-1+t predicts token t
-            ref_logprobs.append(logprobs_from_logits(ref, resp))
+        for rows in length_chunks(attention_mask, fb, cfg.group_by_length):
+            lead, p, r = trim_columns(attention_mask[rows], P)
+            qr, am = query_responses[rows, lead:P + r], attention_mask[rows, lead:P + r]
+            ref = ac.ref_logits(qr, am, r) / cfg.temperature  # (b, r, V): position p-1+t predicts token t
+            ref_logprobs[rows, :r] = logprobs_from_logits(ref, responses[rows, :r])
             del ref
-            values.append(ac.values(qr, am)[:, P - 1:-1])
-            if ac.separate_reward is None:
-                rm_scores.append(ac.reward_scores(qr, am))
+            values[rows, :r] = ac.values(qr, am)[:, p - 1:-1]
+            if rm_scores is not None:
+                rm_scores[rows] = ac.reward_scores(qr, am)
     batch = {
         "query_responses": query_responses, "attention_mask": attention_mask, "responses": responses,
-        "mask": mask, "logprobs": logprobs, "ref_logprobs": torch.cat(ref_logprobs),
-        "values": torch.cat(values), "has_eos": is_eos.any(dim=1),
+        "mask": mask, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
+        "values": values, "has_eos": is_eos.any(dim=1),
     }
-    if rm_scores:
-        batch["rm_scores"] = torch.cat(rm_scores)
+    if rm_scores is not None:
+        batch["rm_scores"] = rm_scores
     batch["P"] = P
     return batch
+
+
+def length_chunks(attention_mask, size: int, by_length: bool) -> list:
+    """Row indices in chunks of at most `size`: in row order, or (`by_length`) shortest rows first.
+
+    Rows are independent in every forward (own mask and position ids) and the update weights each
+    micro-batch by its tokens, so grouping rows by length changes no result beyond float rounding;
+    with `trim_columns`, a chunk of short rows then runs on short columns. The sort is stable: the
+    same rows always give the same chunks.
+    """
+    import torch
+
+    n = attention_mask.shape[0]
+    order = (torch.argsort(attention_mask.sum(1), stable=True) if by_length
+             else torch.arange(n, device=attention_mask.device))
+    return [order[i:i + size] for i in range(0, n, size)]
 
 
 def all_reduce_mean(tensors, world_size: int) -> None:
@@ -144,8 +168,9 @@ def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg
             n_tokens = batch["mask"][mini].sum().float().reshape(1)
             all_reduce_mean([n_tokens], sizes.world_size)  # mean tokens per process in this minibatch
             optimizer.zero_grad(set_to_none=True)
-            for micro_start in range(0, len(mini), mbs):
-                idx = mini[micro_start:micro_start + mbs]
+            # Micro-batches of the minibatch's rows (shortest first with group_by_length): same gradient.
+            for chunk in length_chunks(batch["attention_mask"][mini], mbs, cfg.group_by_length):
+                idx = mini[chunk]
                 # Only the columns where some row of this micro-batch has a real token (see trim_columns).
                 lead, p_mb, r = trim_columns(batch["attention_mask"][idx], P)
                 qr = batch["query_responses"][idx, lead:P + r]

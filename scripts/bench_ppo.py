@@ -47,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +123,17 @@ def trl_steps(result: dict) -> dict:
     }
 
 
-def summarize_run(run: dict, batch_size: int) -> dict:
-    """Per-episode figures of one run record (see docs/BENCHMARKS.md for what each means)."""
+def standard_error(xs: list[float]) -> float | None:
+    """Standard error of the mean (None with < 2 values)."""
+    xs = [x for x in xs if x is not None]
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None
+
+
+def summarize_run(run: dict, batch_size: int, start_score: float | None = None) -> dict:
+    """Per-episode figures of one run record (see docs/BENCHMARKS.md for what each means).
+
+    `start_score`: the SFT policy's mean score on the training prompts (`sft_start_score`), the common
+    start that `score_gain` is measured from; `score_gain_within_run` is last minus first quarter."""
     steps = run.get("step_s") or []
     first, last = quarter_means(run.get("score") or [])
     _, kl_last = quarter_means(run.get("kl") or [])
@@ -135,20 +144,28 @@ def summarize_run(run: dict, batch_size: int) -> dict:
         "process_s_per_episode": ratio(run.get("wall_s"), episodes),
         "peak_rss_mb": run.get("peak_rss_mb"),
         "peak_rss_above_baseline_mb": run.get("peak_rss_above_baseline_mb"),
-        "score_gain": last - first if first is not None and last is not None else None,
+        "score_last_quarter": last,
+        "score_gain": last - start_score if last is not None and start_score is not None else None,
+        "score_gain_within_run": last - first if first is not None and last is not None else None,
         "kl_last_quarter": kl_last,
     }
 
 
-def compare(runs: list[dict], batch_size: int) -> dict:
-    """Medians (time, memory) and seed means (quality) per implementation, and the ratios ours / TRL."""
+QUALITY = ("score_last_quarter", "score_gain", "score_gain_within_run", "kl_last_quarter")
+
+
+def compare(runs: list[dict], batch_size: int, start_score: float | None = None) -> dict:
+    """Medians (time, memory) and seed means ± standard errors (quality) per implementation, and the
+    ratios ours / TRL."""
     out: dict = {}
     for impl in ("ours", "trl"):
-        ok = [summarize_run(r, batch_size) for r in runs if r["impl"] == impl and r.get("ok")]
+        ok = [summarize_run(r, batch_size, start_score) for r in runs if r["impl"] == impl and r.get("ok")]
         fig = {k: median([s[k] for s in ok]) for k in ("loop_s_per_episode", "steady_s_per_episode",
                                                         "process_s_per_episode", "peak_rss_mb",
                                                         "peak_rss_above_baseline_mb")}
-        fig.update({k: mean([s[k] for s in ok]) for k in ("score_gain", "kl_last_quarter")})
+        fig.update({k: mean([s[k] for s in ok]) for k in QUALITY})
+        fig.update({f"{k}_se": standard_error([s[k] for s in ok]) for k in QUALITY})
+        fig["start_score"] = start_score
         fig["runs_ok"] = len(ok)
         fig["errors"] = sorted({r["error"] for r in runs if r["impl"] == impl and not r.get("ok")})
         out[impl] = fig
@@ -185,18 +202,25 @@ def markdown(report: dict) -> str:
     out = [f"Mode {report['mode']}, threads {report['threads']}, load before {_f(report['load_before'][0], 2)} "
            f"/ after {_f(report.get('load_after', [None])[0], 2)}, {report.get('elapsed_s', 0) / 60:.1f} min.", ""]
 
+    def pm(f: dict, k: str) -> str:
+        se = f.get(f"{k}_se")
+        return _f(f.get(k)) + (f" ± {se:.3f}" if se is not None else "")
+
     def block(title: str, cmp: dict, quality: bool) -> None:
-        out.extend([f"**{title}**", "", head + (" score gain | KL (last quarter) | runs |" if quality else " runs |"),
-                    "|---" * (len(cols) + (4 if quality else 2)) + "|"])
+        qhead = " score (last quarter) | gain over the SFT policy | last − first quarter | KL (last quarter) | runs |"
+        out.extend([f"**{title}**", "", head + (qhead if quality else " runs |"),
+                    "|---" * (len(cols) + (6 if quality else 2)) + "|"])
         for impl in ("ours", "trl"):
             f = cmp[impl]
             shown = "TRL 1.12" if impl == "trl" else "ours"
-            q = f" {_f(f['score_gain'])} | {_f(f['kl_last_quarter'])} |" if quality else ""
+            q = (f" {pm(f, 'score_last_quarter')} | {pm(f, 'score_gain')} | {pm(f, 'score_gain_within_run')} | "
+                 f"{_f(f['kl_last_quarter'])} |") if quality else ""
             err = f" (failed: {'; '.join(f['errors'])})" if f["errors"] else ""
             out.append(f"| {shown} | " + " | ".join(_f(f[c]) for c in cols) + f" |{q} {f['runs_ok']}{err} |")
         out.append("| ours / TRL | " + " | ".join(_f(cmp[f"ratio_{c}"]) for c in cols) + " |"
-                   + (" | |" if quality else "") + " |")
-        out.append("")
+                   + (" | | | |" if quality else "") + " |")
+        start = cmp["ours"].get("start_score")
+        out.append(f"\nThe SFT policy's own mean score, where gains start: {_f(start)}.\n" if quality and start else "")
 
     names = {"a": "(a) full precision", "b": "(b) 4-bit: ours one base vs TRL 4-bit policy + LoRA, full value/reward",
              "b_lean": "(b_lean) ours (b) vs TRL 4-bit policy + LoRA, 4-bit value + LoRA, 4-bit reward"}
@@ -390,6 +414,40 @@ def build_setup(work: Path, threads: int, rebuild: bool, widths: list[int] = SET
     return setup
 
 
+def sft_start_score(setup: Setup, s: Settings, four_bit: bool, samples: int = 4, seed: int = 12345) -> dict:
+    """The SFT policy's own mean score on every training prompt, `samples` responses each, sampled and scored
+    as the runs do (RM score minus the EOS penalty: TRL's `objective/scores`). Every run of both
+    implementations starts from this policy, so score gains are measured from this one number."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlhf.actor_critic import build_actor_critic
+    from rlhf.data import load_records
+    from rlhf.generation import encode_prompts
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo import rollout
+    from rlhf.registry import Registry
+
+    registry = Registry(setup.registry)
+    sft, rm = registry.get(setup.sft), registry.get(setup.reward_adapter)
+    tok = load_tokenizer(str(sft.path))
+    ac = build_actor_critic(str(sft.path), tok, load_in_4bit=four_bit, lora_r=s.lora_r, lora_alpha=s.lora_alpha,
+                            lora_target_modules="all-linear", reward_adapter=rm.path / "adapter",
+                            reward_head=rm.path / "score_head.safetensors", separate_reward=None,
+                            device=torch.device("cpu"))
+    prompts = encode_prompts(tok, [r["messages"] for r in load_records(setup.prompts, "prompt")], 128)
+    cfg = SimpleNamespace(temperature=s.temperature, response_length=s.response_length,
+                          local_rollout_forward_batch_size=32, group_by_length=True)
+    torch.manual_seed(seed)
+    scores: list[float] = []
+    for _ in range(samples):
+        for i in range(0, len(prompts), 32):
+            batch = rollout(ac, tok, prompts[i:i + 32], cfg, torch.device("cpu"))
+            scores += (batch["rm_scores"] - s.missing_eos_penalty * (~batch["has_eos"]).float()).tolist()
+    return {"mean": mean(scores), "se": standard_error(scores), "n": len(scores)}
+
+
 def export_reward(registry, raw, heldout: Path) -> tuple[str, str, str, float]:
     """Register the RM `raw` (adapter kind) as adapter and as merged seq-cls model, head / reward_std.
 
@@ -505,19 +563,28 @@ class Settings:
     lora_alpha: int = 32
     weight_decay: float = 0.01  # torch AdamW's default, which ours uses
     adam_epsilon: float = 1e-5  # ours
-    local_rollout_forward_batch_size: int = 32
+    local_rollout_forward_batch_size: int = 32  # TRL's rollout chunks (it also generates in chunks of this size)
+    # Ours only: rows per update micro-batch and per rollout forward. The minibatch, and so every optimizer step,
+    # is the same (our micro-batches are token-weighted: tests/test_ppo_stage.py); with group_by_length the rows
+    # are cut into chunks by length. TRL 1.12 cannot split its minibatches this way (docs/BENCHMARKS.md).
+    ours_micro_batch: int = 2
+    ours_rollout_chunk: int = 4
 
 
 def ours_cmd(s: Settings, setup: Setup, *, sft: str, reward: str, four_bit: bool, seed: int) -> list[str]:
+    mini = s.batch_size // s.num_mini_batches
+    micro = min(s.ours_micro_batch, mini)
+    if mini % micro:
+        raise ValueError(f"ours_micro_batch {micro} does not divide the minibatch of {mini} rows")
     opts = {
         "registry": setup.registry, "data": setup.prompts, "sft_model": sft, "reward_model": reward,
         "load_in_4bit": str(four_bit).lower(), "seed": seed, "total_episodes": s.total_episodes,
-        "per_device_train_batch_size": s.batch_size // s.num_mini_batches, "gradient_accumulation_steps": 1,
+        "per_device_train_batch_size": micro, "gradient_accumulation_steps": mini // micro,
         "num_mini_batches": s.num_mini_batches, "num_ppo_epochs": s.num_ppo_epochs,
         "response_length": s.response_length, "learning_rate": s.learning_rate, "kl_coef": s.kl_coef,
         "kl_estimator": "k1", "temperature": s.temperature, "missing_eos_penalty": s.missing_eos_penalty,
         "lora_r": s.lora_r, "lora_alpha": s.lora_alpha,
-        "local_rollout_forward_batch_size": s.local_rollout_forward_batch_size,
+        "local_rollout_forward_batch_size": s.ours_rollout_chunk, "group_by_length": "true",
         "max_grad_norm": 1e9,  # TRL's PPO loop does not clip gradients
         "toxicity": "profanity-check", "toxicity_coef": 0, "save_steps": 10**6, "sample_steps": 10**6,
         "logging_steps": 10**6,
@@ -653,7 +720,7 @@ def plan(quick: bool) -> dict:
                 "gpt2": {"total_episodes": 8, "batch_size": 8, "num_ppo_epochs": 1, "response_length": 16},
                 "gpt2_configs": ["b"], "gpt2_malloc_variant": False, "profile_gpt2": False,
                 "scale_episodes": 48, "lengths": [16, 32, 64, 128], "widths": [64, 128, 256, 512]}
-    return {"episodes": 512, "seeds": {"a": [0, 1, 2], "b": [0, 1, 2, 3, 4], "b_lean": [0, 1, 2]},
+    return {"episodes": 512, "seeds": {"a": [0, 1, 2], "b": list(range(10)), "b_lean": [0, 1, 2]},
             "gpt2": {"total_episodes": 16, "batch_size": 16, "num_ppo_epochs": 2, "response_length": 32},
             "gpt2_configs": ["b", "a"], "gpt2_malloc_variant": True, "profile_gpt2": True,
             "scale_episodes": 64, "lengths": [16, 32, 64, 128], "widths": [64, 128, 256, 512, 1024]}
@@ -705,6 +772,23 @@ class Bench:
                                         args.threads, args.work)
         self.report["baseline"] = self.base
 
+    def start_score(self, s: Settings, four_bit: bool) -> float:
+        """`sft_start_score` for these settings, computed once per setup (cached in the work folder)."""
+        cache = self.args.work / "start_scores.json"
+        saved = json.loads(cache.read_text()) if cache.exists() else {}
+        key = json.dumps({"setup": self.setup.sft, "reward": self.setup.reward_adapter, "four_bit": four_bit,
+                          "response_length": s.response_length, "temperature": s.temperature,
+                          "missing_eos_penalty": s.missing_eos_penalty})
+        if key not in saved:
+            import torch
+
+            torch.set_num_threads(self.args.threads)
+            self.say(f"start score of the SFT policy ({'4-bit' if four_bit else 'full precision'})")
+            saved[key] = sft_start_score(self.setup, s, four_bit)
+            cache.write_text(json.dumps(saved, indent=1))
+        self.report.setdefault("start_scores", {})["4bit" if four_bit else "full"] = saved[key]
+        return saved[key]["mean"]
+
     def say(self, msg: str) -> None:
         print(f"[bench {time.time() - self.t0:6.0f}s load {os.getloadavg()[0]:.1f}] {msg}", file=sys.stderr, flush=True)
 
@@ -715,7 +799,8 @@ class Bench:
         s = summarize_run(record, batch_size)
         self.say(f"{record['label']:<14} {record['impl']:<4} seed {record['seed']}: "
                  + (f"{s['loop_s_per_episode'] or 0:.3f} s/ep, peak {record['peak_rss_mb']:.0f} MiB, "
-                    f"gain {s['score_gain'] or 0:+.2f}, kl {s['kl_last_quarter'] or 0:.3f}" if record["ok"]
+                    f"score (last quarter) {s['score_last_quarter'] or 0:.3f}, kl {s['kl_last_quarter'] or 0:.3f}"
+                    if record["ok"]
                     else f"FAILED: {record['error']}"))
         return record
 
@@ -743,9 +828,10 @@ def part_compare(b: Bench) -> None:
         if not b.args.skip_peer and seed in seeds["b_lean"]:
             b.trl("b_lean", s, sft_path=b.sft_path, rm_path=su.rm_folder, seed=seed, **PEER["b_lean"])
     configs = b.report["configs"]
+    start = {cfg: b.start_score(s, four_bit=cfg != "a") for cfg in ("a", "b")}
     for cfg in ("a", "b"):
-        configs[cfg] = compare(b.pick(cfg), s.batch_size)
-    configs["b_lean"] = compare(b.pick("b", "ours") + b.pick("b_lean"), s.batch_size)
+        configs[cfg] = compare(b.pick(cfg), s.batch_size, start[cfg])
+    configs["b_lean"] = compare(b.pick("b", "ours") + b.pick("b_lean"), s.batch_size, start["b"])
 
 
 def part_gpt2(b: Bench) -> None:
@@ -763,6 +849,11 @@ def part_gpt2(b: Bench) -> None:
             if not b.args.skip_peer:
                 b.trl(label, gs, sft_path=g_path, rm_path=g["rm_folder"], seed=0, env=env, **PEER[cfg])
             out[cfg + suffix] = compare(b.pick(label), gs.batch_size)
+    if "b" in b.pl["gpt2_configs"]:  # ours cut as TRL cuts: micro-batch = minibatch, rollout chunks of TRL's size
+        as_trl = replace(gs, ours_micro_batch=gs.batch_size // gs.num_mini_batches,
+                         ours_rollout_chunk=gs.local_rollout_forward_batch_size)
+        b.ours("gpt2_b_chunks_as_trl", as_trl, sft=g["sft"], reward=g["reward_adapter"], four_bit=True, seed=0)
+        out["b_chunks_as_trl"] = compare(b.pick("gpt2_b_chunks_as_trl") + b.pick("gpt2_b", "trl"), gs.batch_size)
 
 
 def part_scaling(b: Bench) -> None:

@@ -57,6 +57,10 @@ class PPOStageConfig(StageConfig):
     data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
     load_in_4bit: bool = _help("Load the shared base in 4-bit NF4 (false: full precision, same code).", default=True)
     lora_r: int = _help("LoRA rank of the policy (and of a fresh value adapter).", default=16)
+    value_lora_r: int | None = _help("LoRA rank of the value adapter. Unset: a copy of the reward adapter (its rank) "
+                                     "when the reward model shares the base, else lora_r. Above the reward adapter's "
+                                     "rank: that copy widened with new directions (the critic still starts as the RM).",
+                                     default=None)
     lora_alpha: int = _help("LoRA alpha.", default=32)
     lora_target_modules: str = _help("'all-linear' or comma-separated module names.", default="all-linear")
     total_episodes: int = _help("Responses sampled over the whole run (global).", default=2048)
@@ -65,6 +69,9 @@ class PPOStageConfig(StageConfig):
     num_mini_batches: int = _help("Optimizer steps per PPO epoch over one rollout batch.", default=2)
     num_ppo_epochs: int = _help("Passes over each rollout batch.", default=2)
     local_rollout_forward_batch_size: int = _help("Rows per no-grad forward during the rollout.", default=32)
+    group_by_length: bool = _help("Cut rollout chunks and update micro-batches from rows sorted by length, so "
+                                  "short rows are not padded to the longest (same results up to float rounding; "
+                                  "pays off most with several micro-batches per minibatch).", default=True)
     max_prompt_length: int = _help("Prompts keep their last N tokens.", default=128)
     response_length: int = _help("Maximum new tokens per response.", default=32)
     temperature: float = _help("Sampling temperature (also applied to the logits used for logprobs).", default=1.0)
@@ -102,6 +109,8 @@ class PPOStageConfig(StageConfig):
         check_positive(self, "total_episodes", "per_device_train_batch_size", "gradient_accumulation_steps",
                        "num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length",
                        "temperature", "learning_rate", "lora_r", "save_steps", "logging_steps", "sample_steps")
+        if self.value_lora_r is not None and self.value_lora_r <= 0:
+            raise ConfigError(f"value_lora_r must be a positive integer (or unset), got {self.value_lora_r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.vf_learning_rate is not None and not self.vf_learning_rate > 0:
@@ -136,7 +145,7 @@ def main(cfg: PPOStageConfig) -> None:
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    from rlhf.actor_critic import build_actor_critic
+    from rlhf.actor_critic import adapter_rank, build_actor_critic
     from rlhf.allocator import FreedMemory
     from rlhf.data import fingerprint, load_records
     from rlhf.generation import encode_prompts
@@ -163,6 +172,12 @@ def main(cfg: PPOStageConfig) -> None:
         raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) + response_length ({cfg.response_length}) "
                           f"= {cfg.max_prompt_length + cfg.response_length} tokens, but {cfg.sft_model} has "
                           f"{positions} positions; lower one of them")
+    shares_base = (rm_entry.config.get("reward_kind") == "adapter"
+                   and rm_entry.config.get("base_model") in {sft.ref, sft.entry.ref if sft.entry else None})
+    if shares_base and cfg.value_lora_r is not None and cfg.value_lora_r < adapter_rank(rm_entry.path / "adapter"):
+        raise ConfigError(f"value_lora_r ({cfg.value_lora_r}) is below the rank of {rm_entry.ref}'s adapter "
+                          f"({adapter_rank(rm_entry.path / 'adapter')}): the value adapter starts as a copy of it; "
+                          f"use at least that rank, or leave value_lora_r unset")
     prompts = load_records(cfg.data, "prompt", split=cfg.data_split)
     scorer = load_scorer(cfg.toxicity)  # chosen once; never switches during the run
     data_fps = {"data": fingerprint(cfg.data, cfg.data_split)}
@@ -176,8 +191,6 @@ def main(cfg: PPOStageConfig) -> None:
 
     # 2. Models: one base, four roles.
     tokenizer = load_tokenizer(sft.path, cfg.trust_remote_code)
-    shares_base = (rm_entry.config.get("reward_kind") == "adapter"
-                   and rm_entry.config.get("base_model") in {sft.ref, sft.entry.ref if sft.entry else None})
     separate = None
     if not shares_base:
         from rlhf.reward_scoring import load_reward_scorer
@@ -190,7 +203,7 @@ def main(cfg: PPOStageConfig) -> None:
         sft.path, tokenizer, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_target_modules=cfg.lora_target_modules, reward_adapter=rm_entry.path / "adapter" if shares_base else None,
         reward_head=rm_entry.path / "score_head.safetensors" if shares_base else None,
-        separate_reward=separate, device=dev, trust_remote_code=cfg.trust_remote_code)
+        separate_reward=separate, device=dev, value_lora_r=cfg.value_lora_r, trust_remote_code=cfg.trust_remote_code)
     footprint = memory_footprint_mb(ac)
     log(f"[ppo] one base ({'4-bit NF4' if cfg.load_in_4bit else 'full precision'}) for policy/ref/value/reward: "
         f"model memory {footprint:.1f} MiB; toxicity scorer {scorer.spec}; world size {world}; "

@@ -90,14 +90,17 @@ def test_compare_medians_means_and_ratios_by_hand():
     runs = [_run("ours", 4.0, 300, [0, 0, 0, 1]), _run("ours", 8.0, 500, [0, 0, 0, 2]),
             _run("ours", 6.0, 400, [0, 0, 0, 3]), _run("trl", 8.0, 800, [0, 0, 0, 1]),
             _run("trl", 12.0, 1000, [0, 0, 0, 1]), _run("trl", 0, 0, [], ok=False)]
-    out = bench.compare(runs, batch_size=16)
+    out = bench.compare(runs, batch_size=16, start_score=0.5)
     assert out["ours"]["loop_s_per_episode"] == pytest.approx(6.0 / 64)  # median of 4, 8, 6 s over 64 episodes
     assert out["trl"]["loop_s_per_episode"] == pytest.approx(10.0 / 64)  # median of 8, 12 (the failure left out)
     assert out["ratio_loop_s_per_episode"] == pytest.approx(0.6)
     assert out["ratio_peak_rss_mb"] == pytest.approx(400 / 900)
     assert out["ratio_peak_rss_above_baseline_mb"] == pytest.approx(300 / 800)
     assert out["ours"]["steady_s_per_episode"] == pytest.approx(1.0 / 16)  # steps after the first: median 1 s
-    assert out["ours"]["score_gain"] == pytest.approx(2.0)  # last quarter − first quarter: mean of 1, 2, 3
+    assert out["ours"]["score_last_quarter"] == pytest.approx(2.0)  # mean of 1, 2, 3
+    assert out["ours"]["score_last_quarter_se"] == pytest.approx(1.0 / 3 ** 0.5)  # sd 1 over 3 seeds
+    assert out["ours"]["score_gain"] == pytest.approx(1.5)  # last quarter − the SFT policy's start score
+    assert out["ours"]["score_gain_within_run"] == pytest.approx(2.0)  # last quarter − first quarter
     assert out["ours"]["kl_last_quarter"] == pytest.approx(0.3)
     assert out["trl"]["runs_ok"] == 2 and out["trl"]["errors"] == ["Boom: no"]
     report = {"mode": "quick", "threads": 1, "load_before": [1.0], "configs": {"b": out}}
@@ -106,7 +109,8 @@ def test_compare_medians_means_and_ratios_by_hand():
     assert top["peak_rss_ratio_ours_over_trl"] == out["ratio_peak_rss_mb"]
     assert top["gpt2_small_peak_rss_ratio_ours_over_trl"] is None  # that part did not run
     json.dumps(report)  # the summary must be JSON
-    assert "| ours / TRL | 0.6 |" in bench.markdown(report)
+    md = bench.markdown(report)
+    assert "| ours / TRL | 0.6 |" in md and "| 2 ± 0.577 | 1.5 ± 0.577 |" in md and "where gains start: 0.5" in md
 
 
 # ---------------------------------------------------------------- child processes

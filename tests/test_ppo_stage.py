@@ -43,6 +43,17 @@ def test_gradient_accumulation_invariance_1x8_equals_8x1(rlhf_registry, tmp_path
     _assert_same_tensors(one, eight, atol=1e-6)
 
 
+def test_micro_batches_of_rows_grouped_by_length_give_the_same_update(rlhf_registry, tmp_path):
+    """group_by_length regroups a minibatch's rows (shortest first) before cutting micro-batches; the update must
+    be the one of micro-batches in row order."""
+    model = _model_dir(rlhf_registry)
+    for group in ("1", "0"):
+        res = run_script(WORKER, model, str(tmp_path / f"g{group}.safetensors"), "2", group)
+        assert res.returncode == 0, res.stderr[-2000:]
+    _assert_same_tensors(load_file(str(tmp_path / "g1.safetensors")), load_file(str(tmp_path / "g0.safetensors")),
+                         atol=1e-6)
+
+
 def test_two_processes_match_one_process_on_the_same_global_batch(rlhf_registry, tmp_path):
     """Data parallelism (gloo, 2 CPU processes) gives the update of one process on the whole batch."""
     model = _model_dir(rlhf_registry)
@@ -82,7 +93,8 @@ def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_regi
             if ".policy." in name:
                 p.add_(0.05 * torch.randn_like(p))
     prompts = [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]]
-    cfg = SimpleNamespace(temperature=temperature, response_length=12, local_rollout_forward_batch_size=4)
+    cfg = SimpleNamespace(temperature=temperature, response_length=12, local_rollout_forward_batch_size=4,
+                          group_by_length=True)
     torch.manual_seed(0)
     batch = rollout(ac, tok, encode_prompts(tok, prompts, 32), cfg, torch.device("cpu"))
     resp, mask = batch["responses"], batch["mask"].bool()
@@ -92,6 +104,44 @@ def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_regi
     assert batch["logprobs"].shape == resp.shape == mask.shape
     torch.testing.assert_close(batch["logprobs"][mask], fresh[mask], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(batch["logprobs"][mask], batch["ref_logprobs"][mask], atol=1e-3)
+
+
+def test_rollout_chunks_grouped_by_length_give_what_chunks_in_row_order_give(rlhf_registry, tiny_data):
+    """Rollout forwards over length-sorted chunks, each cut to its real columns, must return per row the reference
+    logprobs, values and RM scores of chunks in row order (same sampled responses: same seed)."""
+    from types import SimpleNamespace
+
+    from rlhf.actor_critic import build_actor_critic
+    from rlhf.data import load_records
+    from rlhf.generation import encode_prompts
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo import length_chunks, rollout
+
+    model = _model_dir(rlhf_registry)
+    reward = Registry(rlhf_registry).get("reward:latest").path
+    tok = load_tokenizer(model)
+    ac = build_actor_critic(model, tok, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
+                            reward_adapter=reward / "adapter", reward_head=reward / "score_head.safetensors",
+                            separate_reward=None, device=torch.device("cpu"))
+    prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:7]], 32)
+    assert len({len(x) for x in prompts}) > 2, "prompts of several lengths are what this test is about"
+    out = {}
+    for group in (True, False):
+        cfg = SimpleNamespace(temperature=1.0, response_length=10, local_rollout_forward_batch_size=3,
+                              group_by_length=group)
+        torch.manual_seed(0)
+        out[group] = rollout(ac, tok, prompts, cfg, torch.device("cpu"))
+    a, b = out[True], out[False]
+    assert torch.equal(a["responses"], b["responses"])
+    mask = a["mask"].bool()
+    for key in ("ref_logprobs", "values"):
+        torch.testing.assert_close(a[key][mask], b[key][mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["rm_scores"], b["rm_scores"], atol=1e-5, rtol=1e-5)
+    chunks = length_chunks(a["attention_mask"], 3, True)
+    lengths = a["attention_mask"].sum(1)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(7))
+    assert [int(lengths[c].max()) for c in chunks] == sorted(int(lengths[c].max()) for c in chunks)
+    assert int(lengths[chunks[0]].max()) < int(lengths.max()), "the first chunk must be narrower than the batch"
 
 
 def test_trim_columns_keeps_exactly_the_window_of_real_tokens():
@@ -192,6 +242,66 @@ def test_critic_learning_rate_applies_to_the_value_adapter_and_head_only(rlhf_re
                          load_file(str(reward.path / "score_head.safetensors")), atol=1e-8)
     policy = load_file(str(ppo.path / "policy" / "adapter_model.safetensors"))
     assert any(float(t.abs().max()) > 1e-4 for k, t in policy.items() if "lora_B" in k), "the policy did not train"
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_a_wider_value_adapter_starts_as_the_reward_model_and_trains_its_new_directions(rlhf_registry, tmp_path,
+                                                                                          load_in_4bit):
+    """value_lora_r above the reward adapter's rank: the critic's first values are still the RM's scores (the copy
+    is widened, not replaced), and its new directions get gradients."""
+    from safetensors.torch import save_file
+
+    from rlhf.actor_critic import build_actor_critic, last_token_index
+    from rlhf.generation import left_pad
+    from rlhf.models import load_tokenizer
+
+    model = _model_dir(rlhf_registry)
+    reward = Registry(rlhf_registry).get("reward:latest").path
+    adapter = tmp_path / "adapter"  # the fixture's adapter has B = 0; give it B != 0 so it changes the output
+    shutil.copytree(reward / "adapter", adapter)
+    g = torch.Generator().manual_seed(0)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v + 0.2 * torch.randn(v.shape, generator=g) if "lora_B" in k else v for k, v in weights.items()},
+              str(adapter / "adapter_model.safetensors"))
+    tok = load_tokenizer(model)
+    ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
+                            lora_target_modules="all-linear", reward_adapter=adapter,
+                            reward_head=reward / "score_head.safetensors", separate_reward=None,
+                            device=torch.device("cpu"), value_lora_r=12)
+    assert ac.model.peft_config["reward"].r == 4 and ac.model.peft_config["value"].r == 12
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]], tok.pad_token_id)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        scores = ac.reward_scores(ids, mask)
+        with ac.role(None):  # the base alone, read by the same head: what an unloaded adapter would give
+            h = ac.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        base_scores = ac.reward_head(h[rows, last_token_index(mask)]).squeeze(-1)
+    assert (scores - base_scores).abs().max() > 1e-2, "the reward adapter must matter for this check to mean anything"
+    values = ac.values(ids, mask)
+    torch.testing.assert_close(values[rows, last_token_index(mask)].detach(), scores, atol=1e-5, rtol=1e-5)
+    (values * mask).pow(2).sum().backward()
+    layers = [m for m in ac.model.modules() if "value" in getattr(m, "lora_B", {})]
+    assert layers and all(m.lora_B["value"].weight.shape[1] == 12 for m in layers)
+    assert all(m.lora_B["value"].weight.grad[:, 4:].abs().max() > 0 for m in layers), "new directions get no gradient"
+
+
+def test_value_rank_below_the_reward_adapter_is_refused_before_anything_runs(rlhf_registry, tiny_data, tmp_path):
+    reg = _copy(rlhf_registry, tmp_path)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO,
+                     "--value_lora_r", "2")
+    assert res.returncode != 0 and "value_lora_r (2) is below the rank of reward:" in res.stderr
+    assert "at least that rank" in res.stderr and "Traceback" not in res.stderr
+    assert Registry(reg).entries("ppo") == []
+
+
+def test_cli_value_lora_r_saves_a_value_adapter_of_that_rank(rlhf_registry, tiny_data, tmp_path):
+    reg = _copy(rlhf_registry, tmp_path)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO,
+                     "--value_lora_r", "8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ppo = Registry(reg).get("ppo:latest")
+    assert json.loads((ppo.path / "value" / "adapter_config.json").read_text())["r"] == 8
+    assert json.loads((ppo.path / "policy" / "adapter_config.json").read_text())["r"] == 4
 
 
 def test_batch_sizes_that_do_not_divide_are_refused_with_the_names(rlhf_registry, tiny_data, tmp_path):

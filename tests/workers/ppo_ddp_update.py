@@ -1,6 +1,6 @@
 """Run one PPO update on a fixed synthetic rollout, alone or as one of several processes.
 
-    python tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors [MICRO_BATCH]
+    python tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors [MICRO_BATCH [GROUP_BY_LENGTH 0|1]]
     torchrun --nproc_per_node 2 tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors
 
 Every process builds the same model and the same global batch (seeded); rank r keeps
@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def main(model_dir: str, out: str, micro_batch: int | None = None) -> None:
+def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_length: bool = True) -> None:
     import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -59,7 +59,8 @@ def main(model_dir: str, out: str, micro_batch: int | None = None) -> None:
 
     micro = micro_batch or len(rows) // 2
     cfg = ppo.PPOStageConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=len(rows) // micro,
-                             num_mini_batches=1, num_ppo_epochs=2, total_episodes=B, learning_rate=1e-2)
+                             num_mini_batches=1, num_ppo_epochs=2, total_episodes=B, learning_rate=1e-2,
+                             group_by_length=group_by_length)
     sizes = ppo.derive_sizes(cfg, world)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -71,4 +72,5 @@ def main(model_dir: str, out: str, micro_batch: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None,
+         sys.argv[4] != "0" if len(sys.argv) > 4 else True)
