@@ -80,6 +80,7 @@ class TrainerStageConfig(StageConfig):
     max_steps: int = _help("Stop after this many optimizer steps (-1: use num_train_epochs).", default=-1)
     per_device_train_batch_size: int = _help("Examples per device per micro-batch.", default=16)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, slower).", default=True)
     learning_rate: float = _help("Peak learning rate (cosine schedule).", default=2e-5)
     warmup_ratio: float = _help("Share of steps spent warming up.", default=0.03)
     logging_steps: int = _help("Log every N steps (progress bar, TensorBoard).", default=10)

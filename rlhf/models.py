@@ -231,6 +231,18 @@ def context_length(model: Any, wanted: int) -> int:
     return min(wanted, limit) if limit else wanted
 
 
+def trainable_to_compute_dtype(model: Any) -> None:
+    """Cast the trainable weights to `compute_dtype()`.
+
+    With a 4-bit base TRL's SFTTrainer and RewardTrainer cast them to bf16 (as the QLoRA paper does); the
+    CPU computes in fp32 (no bf16 autocast), so they come back to fp32 there (a no-op on a bf16 GPU).
+    """
+    dtype = compute_dtype()
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
+
+
 def set_cpu_4bit_packing(model: Any, enabled: bool) -> int:
     """Allow or forbid bitsandbytes' CPU inference layout for 4-bit weights; return the layers touched.
 

@@ -76,8 +76,8 @@ def merge_lora(base_path: str, adapter_dir: Path, tokenizer, trust_remote_code: 
 
 def main(cfg: SFTStageConfig) -> None:
     from rlhf.data import fingerprint, load_records
-    from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
-                             set_cpu_4bit_packing)
+    from rlhf.models import (compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
+                             set_cpu_4bit_packing, trainable_to_compute_dtype)
     from rlhf.registry import Registry
     from rlhf.stage import begin, finish, log
 
@@ -110,13 +110,15 @@ def main(cfg: SFTStageConfig) -> None:
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        bf16=compute_dtype() == torch.bfloat16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
+    trainable_to_compute_dtype(trainer.model)  # QLoRA: TRL casts the adapter to bf16; the CPU computes in fp32
 
     # 4. Evaluate the starting model (a fresh LoRA adapter is a no-op), train, evaluate again.
     base_eval_loss = trainer.evaluate()["eval_loss"]

@@ -54,7 +54,6 @@ class RewardStageConfig(TrainerStageConfig):
     max_eval_pairs: int = _help("Score at most this many held-out pairs (-1: all).", default=-1)
     max_length: int = _help("Pairs whose chosen or rejected conversation is longer (tokens) are dropped from training.", default=512)
     per_device_train_batch_size: int = _help("Pairs per device per micro-batch (each pair is two sequences).", default=16)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, slower).", default=True)
     learning_rate: float = _help("Peak learning rate (cosine schedule).", default=1e-4)
 
     def validate(self) -> None:
@@ -138,7 +137,8 @@ def main(cfg: RewardStageConfig) -> None:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.models import compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer
+    from rlhf.models import (compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer,
+                             trainable_to_compute_dtype)
     from rlhf.reward_model import ADAPTER_DIR, extract_score_head, pairwise_metrics, save_score_head, score_ids
 
     # 2. Model: a scalar score head on the starting model; 4-bit NF4 base for QLoRA.
@@ -166,11 +166,7 @@ def main(cfg: RewardStageConfig) -> None:
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                             peft_config=peft_config)
-    # With a 4-bit base RewardTrainer casts the trainable weights to bf16 (QLoRA paper); the CPU computes
-    # in fp32 (bf16 autocast off), so bring them to the base's compute dtype (a no-op on a bf16 GPU).
-    for param in trainer.model.parameters():
-        if param.requires_grad:
-            param.data = param.data.to(compute_dtype())
+    trainable_to_compute_dtype(trainer.model)
     n_train = len(trainer.train_dataset)
     if n_train == 0:
         raise DataError(f"{cfg.data}: no pair fits in max_length={cfg.max_length} tokens; raise max_length")

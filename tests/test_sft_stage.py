@@ -172,6 +172,27 @@ def test_same_seed_gives_identical_eval_loss(pretrained_registry, tiny_data, sft
     assert second.metrics["train_loss"] == first.metrics["train_loss"]
 
 
+def test_on_the_cpu_sft_computes_in_fp32(pretrained_registry, tiny_data, sft_full):
+    """TRL's SFTConfig turns bf16 on by default: on the CPU the stage must train and evaluate in fp32 (bf16
+    autocast made SFT ~9x slower here and rounds the loss). The eval_loss it registers equals the loss of
+    the registered model evaluated the same way in fp32."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf.data import load_records
+    from rlhf.models import load_model, load_tokenizer
+
+    _, entry = sft_full
+    assert entry.config["gradient_checkpointing"] is True  # TRL's default, kept as ours
+    records = load_records(str(tiny_data["sft_eval"]), "dialogue")
+    args = SFTConfig(output_dir=str(entry.path.parent / "fp32-eval"), assistant_only_loss=True, max_length=256,
+                     per_device_eval_batch_size=8, report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0)
+    held_out = Dataset.from_list([{"messages": r["messages"]} for r in records])
+    trainer = SFTTrainer(model=load_model(str(entry.path)), args=args, train_dataset=held_out, eval_dataset=held_out,
+                         processing_class=load_tokenizer(str(entry.path)))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(entry.metrics["eval_loss"], rel=1e-6)
+
+
 def test_lora_keeps_adapter_and_saves_a_merged_plain_model(pretrained_registry, tiny_data, tmp_path):
     """LoRA: `adapter/` is kept; the entry itself is a plain merged model that AutoModelForCausalLM loads,
     with no LoRA weights left in it, and it differs from the base."""
@@ -255,6 +276,10 @@ def test_qlora_runs_end_to_end_on_cpu(pretrained_registry, tiny_data, tmp_path):
     assert (entry.path / "adapter" / "adapter_model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(entry.path)
     assert all(p.dtype == torch.float32 for p in model.parameters()), "the merged model must not stay quantized"
+    from safetensors.torch import load_file
+
+    adapter = load_file(entry.path / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}, "on the CPU the adapter trains in fp32"
     for key in SFT_METRICS:
         assert key in entry.metrics, key
 
