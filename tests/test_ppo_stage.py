@@ -33,6 +33,15 @@ def _assert_same_tensors(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
+def _assert_same_update(a: dict, b: dict) -> None:
+    """Two updates written by the worker (the change of each trainable tensor) agree up to float rounding:
+    1e-5 of the largest change. A wrongly weighted micro-batch or process moves them by far more."""
+    assert a.keys() == b.keys()
+    largest = max(v.abs().max().item() for v in a.values())
+    assert largest > 0, "the update changed nothing"
+    _assert_same_tensors(a, b, atol=1e-5 * largest)
+
+
 def test_gradient_accumulation_invariance_1x8_equals_8x1(rlhf_registry, tmp_path):
     """Splitting a minibatch into micro-batches must not change the update (token-weighted losses)."""
     model = _model_dir(rlhf_registry)
@@ -40,7 +49,7 @@ def test_gradient_accumulation_invariance_1x8_equals_8x1(rlhf_registry, tmp_path
         res = run_script(WORKER, model, str(tmp_path / f"m{micro}.safetensors"), str(micro))
         assert res.returncode == 0, res.stderr[-2000:]
     one, eight = load_file(str(tmp_path / "m8.safetensors")), load_file(str(tmp_path / "m1.safetensors"))
-    _assert_same_tensors(one, eight, atol=1e-6)
+    _assert_same_update(one, eight)
 
 
 def test_micro_batches_of_rows_grouped_by_length_give_the_same_update(rlhf_registry, tmp_path):
@@ -50,8 +59,7 @@ def test_micro_batches_of_rows_grouped_by_length_give_the_same_update(rlhf_regis
     for group in ("1", "0"):
         res = run_script(WORKER, model, str(tmp_path / f"g{group}.safetensors"), "2", group)
         assert res.returncode == 0, res.stderr[-2000:]
-    _assert_same_tensors(load_file(str(tmp_path / "g1.safetensors")), load_file(str(tmp_path / "g0.safetensors")),
-                         atol=1e-6)
+    _assert_same_update(load_file(str(tmp_path / "g1.safetensors")), load_file(str(tmp_path / "g0.safetensors")))
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(rlhf_registry, tmp_path):
@@ -63,8 +71,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(rlhf_registry,
     res = subprocess.run([*torchrun, WORKER, model, str(tmp_path / "two.safetensors")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    _assert_same_tensors(load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors")),
-                         atol=1e-5)
+    _assert_same_update(load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors")))
 
 
 @pytest.mark.parametrize("load_in_4bit,temperature", [(False, 1.0), (True, 0.7)])

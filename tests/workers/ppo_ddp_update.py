@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors
 
 Every process builds the same model and the same global batch (seeded); rank r keeps
-rows r, r+W, ... . Rank 0 writes the trainable tensors after the update, so the
+rows r, r+W, ... . Rank 0 writes what the update changed in each trainable tensor, so the
 one-process and two-process results can be compared.
 """
 
@@ -62,11 +62,14 @@ def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_leng
                              num_mini_batches=1, num_ppo_epochs=2, total_episodes=B, learning_rate=1e-2,
                              group_by_length=group_by_length)
     sizes = ppo.derive_sizes(cfg, world)
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    # Plain SGD: the update is then linear in the gradients, so a wrongly scaled micro-batch loss shows (Adam's
+    # first steps are scale-free) and float rounding is not blown up where a gradient is near Adam's eps.
+    opt = torch.optim.SGD(params, lr=cfg.learning_rate)
+    before = {k: v.clone() for k, v in ac.trainable_state_dict().items()}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     ppo_update(ac, opt, sched, params, local, advantages[rows], returns[rows], cfg, sizes, step_seed=0)
     if rank == 0:
-        save_file(ac.trainable_state_dict(), out)
+        save_file({k: v - before[k] for k, v in ac.trainable_state_dict().items()}, out)
     if world > 1:
         dist.destroy_process_group()
 
