@@ -76,8 +76,8 @@ def merge_lora(base_path: str, adapter_dir: Path, tokenizer, trust_remote_code: 
 
 def main(cfg: SFTStageConfig) -> None:
     from rlhf.data import fingerprint, load_records
-    from rlhf.models import (compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
-                             set_cpu_4bit_packing, trainable_to_compute_dtype)
+    from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
+                             set_cpu_4bit_packing, trainable_to_compute_dtype, trainer_precision_args)
     from rlhf.registry import Registry
     from rlhf.stage import begin, finish, log
 
@@ -89,8 +89,7 @@ def main(cfg: SFTStageConfig) -> None:
     run = begin("sft", cfg, {**data_fps, "model": base.entry.ref if base.entry else cfg.model})
     if run.reused:
         return
-    import torch  # heavy imports after the inputs are known to be good: bad input fails in a second
-    from datasets import Dataset
+    from datasets import Dataset  # heavy imports after the inputs are known to be good: bad input fails in a second
     from trl import SFTConfig, SFTTrainer
 
     # 2. Model: full precision, or 4-bit NF4 for QLoRA; LoRA adapters for lora/qlora.
@@ -114,7 +113,7 @@ def main(cfg: SFTStageConfig) -> None:
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
-        bf16=compute_dtype() == torch.bfloat16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        dataloader_num_workers=0, **trainer_precision_args(),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)

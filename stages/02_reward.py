@@ -133,12 +133,11 @@ def main(cfg: RewardStageConfig) -> None:
     if run.reused:
         return
 
-    import torch
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     from rlhf.models import (compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer,
-                             trainable_to_compute_dtype)
+                             trainable_to_compute_dtype, trainer_precision_args)
     from rlhf.reward_model import ADAPTER_DIR, extract_score_head, pairwise_metrics, save_score_head, score_ids
 
     # 2. Model: a scalar score head on the starting model; 4-bit NF4 base for QLoRA.
@@ -162,7 +161,7 @@ def main(cfg: RewardStageConfig) -> None:
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
-        bf16=compute_dtype() == torch.bfloat16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        dataloader_num_workers=0, **trainer_precision_args(),
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                             peft_config=peft_config)
