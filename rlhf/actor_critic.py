@@ -58,7 +58,13 @@ def load_head(path: Path, hidden: int, device: torch.device) -> nn.Linear:
 
 
 class ActorCritic(nn.Module):
-    """The peft-wrapped base plus the value head (trainable) and reward head (frozen)."""
+    """The peft-wrapped base plus the value head (trainable) and reward head (frozen).
+
+    `fused` (set by `check_fused`): the rollout's reference, value and reward forwards run as one forward
+    of the rows repeated per role, and the update's policy and value forwards as another, each copy
+    through its own adapter (`_mixed_hidden`). Same results up to float rounding; the base weights
+    are read (and 4-bit ones dequantized) once instead of once per role, with fewer, larger calls.
+    """
 
     def __init__(self, model: Any, value_head: nn.Linear, reward_head: nn.Linear | None,
                  separate_reward: Any | None = None):
@@ -67,8 +73,13 @@ class ActorCritic(nn.Module):
         self.value_head = value_head
         self.reward_head = reward_head
         self.separate_reward = separate_reward
+        self.fused = False
         if reward_head is not None:
             reward_head.requires_grad_(False)
+        self._trainable = [p for _, p in self.trainable_named_parameters()]
+        from peft.tuners.lora import LoraLayer
+
+        self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
 
     # -------------------------------------------------------------- parameters
 
@@ -137,6 +148,130 @@ class ActorCritic(nn.Module):
         with self.role("policy"):
             return self.model.generate(**kwargs)
 
+    # -------------------------------------------------------------- several roles in one forward
+
+    def _mixed_hidden(self, ids: Tensor, mask: Tensor, roles: list[str | None]) -> Tensor:
+        """(len(roles), B, T, H) last hidden states: the rows once per role, each copy through its own adapter
+        (`None`: none), in one forward. The base runs with adapters disabled and a hook on every LoRA layer adds
+        each copy's own LoRA term (out of place, so autograd also works through bitsandbytes' 4-bit matmul,
+        whose output peft's mixed-adapter batches would modify in place): the base weights are read, and 4-bit
+        ones dequantized, once for every role."""
+        n, b = len(roles), ids.shape[0]
+
+        def add_lora(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+            x = args[0] if args else kwargs["x"]
+            parts = []
+            for k, role in enumerate(roles):
+                part = out[k * b:(k + 1) * b]
+                if role is not None and role in module.lora_A:
+                    if role in module.lora_variant:
+                        raise NotImplementedError(f"a LoRA variant ({type(module.lora_variant[role]).__name__})")
+                    xk = x[k * b:(k + 1) * b].to(module.lora_A[role].weight.dtype)
+                    lora = module.lora_B[role](module.lora_A[role](module.lora_dropout[role](xk)))
+                    part = part + (lora * module.scaling[role]).to(out.dtype)
+                parts.append(part)
+            return torch.cat(parts)
+
+        handles = [m.register_forward_hook(add_lora, with_kwargs=True) for m in self._lora_layers]
+        try:
+            with self._adapters_off():
+                self._trainable_requires_grad()  # set_adapter (generation) froze all adapters but the policy
+                out = self.model(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1),
+                                 position_ids=position_ids(mask).repeat(n, 1), output_hidden_states=True,
+                                 use_cache=False, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.hidden_states[-1].unflatten(0, (n, b))
+
+    @contextmanager
+    def _adapters_off(self) -> Iterator[None]:
+        """Every LoRA layer computes its base layer only: what peft's `disable_adapter()` does for this model
+        (its flag `disable_adapters`), on the layers listed once. peft's own context manager walks every module
+        and checks the model's status on each call, and re-enabling resets which adapters require gradients;
+        neither is needed to switch a flag for one forward (~8 ms per call on the benchmark's tiny model)."""
+        for m in self._lora_layers:
+            m._disable_adapters = True
+        if self._lora_layers and self._lora_layers[0].disable_adapters is not True:  # a peft without that flag
+            raise NotImplementedError("this peft version's LoRA layers have no _disable_adapters flag")
+        try:
+            yield
+        finally:
+            for m in self._lora_layers:
+                m._disable_adapters = False
+
+    def _trainable_requires_grad(self) -> None:
+        if torch.is_grad_enabled():
+            for p in self._trainable:
+                p.requires_grad_(True)
+
+    def _lm_logits(self, h: Tensor, n_response: int) -> Tensor:
+        """(B, R, V) logits from last hidden states (B, T, H), predicting the last `n_response` tokens."""
+        return self.model.get_output_embeddings()(h[:, -(n_response + 1):-1])
+
+    def _score(self, h: Tensor, mask: Tensor) -> Tensor:
+        last = last_token_index(mask)
+        return self.reward_head(h[torch.arange(h.shape[0], device=h.device), last].float()).squeeze(-1)
+
+    def rollout_forward(self, ids: Tensor, mask: Tensor, n_response: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Without gradients: reference logits (B, R, V), values (B, T) and raw RM scores (B,) (None when the
+        reward model is separate): one mixed forward when `fused`, else one forward per role."""
+        with torch.no_grad():
+            if not self.fused:
+                scores = self.reward_scores(ids, mask) if self.reward_head is not None else None
+                return self.ref_logits(ids, mask, n_response), self.values(ids, mask), scores
+            roles = [None, "value"] + (["reward"] if self.reward_head is not None else [])
+            h = self._mixed_hidden(ids, mask, roles)
+            return (self._lm_logits(h[0], n_response), self.value_head(h[1].float()).squeeze(-1),
+                    self._score(h[2], mask) if len(roles) == 3 else None)
+
+    def update_forward(self, ids: Tensor, mask: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
+        """With gradients: policy logits (B, R, V) and values (B, T); one mixed forward when `fused`, so one
+        backward of the summed losses reaches both adapters; else one forward per role."""
+        if not self.fused:
+            out = self.policy_logits(ids, mask, n_response), self.values(ids, mask)
+            self._trainable_requires_grad()  # set_adapter("value") froze the policy adapter before the backward
+            return out
+        h = self._mixed_hidden(ids, mask, ["policy", "value"])
+        return self._lm_logits(h[0], n_response), self.value_head(h[1].float()).squeeze(-1)
+
+    def check_fused(self, vocab_size: int, device: torch.device, atol: float = 1e-4) -> str | None:
+        """Turn `fused` on if mixed forwards give what one forward per role gives on a probe batch (two rows,
+        one left-padded), gradients included; return why not otherwise (e.g. the model's logits are more than
+        its LM head applied to the last hidden state, or a LoRA variant such as DoRA)."""
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab_size, (2, 7), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        self.fused = False
+
+        def probe() -> list[Tensor | None]:
+            ref, values, scores = self.rollout_forward(ids, mask, 3)
+            logits, new_values = self.update_forward(ids, mask, 3)  # with gradients, as in the update
+            (logits.float().logsumexp(-1).mean() + new_values.float().mean()).backward()
+            grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self._trainable]
+            for p in self._trainable:
+                p.grad = None
+            return [ref, values, scores, logits.detach(), new_values.detach(), *grads]
+
+        try:
+            want = probe()
+            self.fused = True
+            got = probe()
+        except Exception as e:  # noqa: BLE001 - any failure means: keep one forward per role
+            self.fused = False
+            return f"{type(e).__name__}: {e}"
+        names = ["reference logits", "values", "reward scores", "policy logits", "values"]
+        names += ["gradients"] * len(self._trainable)
+        for name, a, b in zip(names, want, got):
+            if a is None:
+                continue
+            diff = float((a.float() - b.float()).abs().max())
+            if not diff <= atol * max(1.0, float(a.float().abs().max())):
+                self.fused = False
+                return f"{name} differ by {diff:.3g}"
+        return None
+
 
 def widen_adapter(model: Any, source: str, target: str, r: int) -> None:
     """Add adapter `target` of rank `r` computing what adapter `source` computes.
@@ -189,6 +324,7 @@ def build_actor_critic(
     device: torch.device,
     value_lora_r: int | None = None,
     trust_remote_code: bool = False,
+    fuse_roles: bool = True,
 ) -> ActorCritic:
     """Load the base once and attach the adapters (see module docstring)."""
     from peft import LoraConfig, get_peft_model
@@ -226,5 +362,7 @@ def build_actor_critic(
     model.eval()
     set_cpu_4bit_packing(model, enabled=False)
     ac = ActorCritic(model, value_head, frozen_head, separate_reward)
-    ac.trainable_named_parameters()
+    # Why the roles run one forward each (None: they share forwards), for the stage's log.
+    ac.unfused_reason = (ac.check_fused(base.get_input_embeddings().weight.shape[0], device) if fuse_roles
+                         else "fuse_roles is off")
     return ac

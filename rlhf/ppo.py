@@ -72,12 +72,12 @@ def rollout(ac, tokenizer, prompt_ids, cfg, dev):
         for rows in length_chunks(attention_mask, fb, cfg.group_by_length):
             lead, p, r = trim_columns(attention_mask[rows], P)
             qr, am = query_responses[rows, lead:P + r], attention_mask[rows, lead:P + r]
-            ref = ac.ref_logits(qr, am, r) / cfg.temperature  # (b, r, V): position p-1+t predicts token t
-            ref_logprobs[rows, :r] = logprobs_from_logits(ref, responses[rows, :r])
+            ref, v, scores = ac.rollout_forward(qr, am, r)  # ref (b, r, V): position p-1+t predicts token t
+            ref_logprobs[rows, :r] = logprobs_from_logits(ref / cfg.temperature, responses[rows, :r])
             del ref
-            values[rows, :r] = ac.values(qr, am)[:, p - 1:-1]
+            values[rows, :r] = v[:, p - 1:-1]
             if rm_scores is not None:
-                rm_scores[rows] = ac.reward_scores(qr, am)
+                rm_scores[rows] = scores
     batch = {
         "query_responses": query_responses, "attention_mask": attention_mask, "responses": responses,
         "mask": mask, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
@@ -179,23 +179,25 @@ def ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg
                 old_logprobs, old_values = batch["logprobs"][idx, :r], batch["values"][idx, :r]
                 mb_adv, mb_ret = advantages[idx, :r], returns[idx, :r]
                 weight = mb_mask.sum().float() / n_tokens.item()  # this micro-batch's share of the tokens
+                # Policy logits and values from one forward (ActorCritic.fused) or one per role; the
+                # policy and value adapters are disjoint, so one backward of the summed loss gives each its own.
+                logits, new_values = ac.update_forward(qr, am, r)
                 # Policy: clipped surrogate on fresh logprobs (temperature applied as at sampling time).
-                logits = ac.policy_logits(qr, am, r) / cfg.temperature  # (b, r, V)
+                logits = logits / cfg.temperature  # (b, r, V)
                 new_logprobs = logprobs_from_logits(logits, resp)
                 pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs, mb_adv, mb_mask, cfg.cliprange)
                 if not torch.isfinite(pg_loss):
                     raise UserError("non-finite policy loss (NaN/inf logits or ratios); stopping before the update, "
                                     "the last good checkpoint is kept; try a lower learning_rate or temperature")
-                (pg_loss * weight).backward()
                 with torch.no_grad():
                     entropy = masked_mean(entropy_from_logits(logits.detach()), mb_mask)
-                del logits
                 # Value: clipped regression to the GAE returns (value adapter and head).
-                new_values = ac.values(qr, am)[:, p_mb - 1:-1]
+                new_values = new_values[:, p_mb - 1:-1]
                 vf_loss, vf_stats = value_loss(new_values, old_values, mb_ret, mb_mask, cfg.cliprange_value)
                 if not torch.isfinite(vf_loss):
                     raise UserError("non-finite value loss; stopping before the update, the last good checkpoint is kept")
-                (cfg.vf_coef * vf_loss * weight).backward()
+                ((pg_loss + cfg.vf_coef * vf_loss) * weight).backward()
+                del logits
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("entropy", entropy),
                              *pg_stats.items(), *vf_stats.items()):
                     stats[k].append(float(v.detach()))

@@ -664,14 +664,12 @@ def baseline(py: str, code: list[str], label: str, threads: int, work: Path) -> 
 PROFILED = {  # name: (file suffix, function name[, caller function name])
     "rollout": ("rlhf/ppo.py", "rollout"),
     "rollout/generate": ("rlhf/actor_critic.py", "generate"),
-    "rollout/policy_forward": ("rlhf/actor_critic.py", "policy_logits", "rollout"),
-    "rollout/ref_forward": ("rlhf/actor_critic.py", "ref_logits", "rollout"),
-    "rollout/value_forward": ("rlhf/actor_critic.py", "values", "rollout"),
-    "rollout/reward_forward": ("rlhf/actor_critic.py", "reward_scores"),  # @no_grad: its caller is a wrapper
+    "rollout/ref_value_reward": ("rlhf/actor_critic.py", "rollout_forward"),  # one forward for the three roles
+    "rollout/ref_value_reward/model": ("rlhf/actor_critic.py", "_mixed_hidden", "rollout_forward"),  # heads aside
     "decode_and_toxicity": ("rlhf/safety.py", "score"),
     "update": ("rlhf/ppo.py", "ppo_update"),
-    "update/policy_forward": ("rlhf/actor_critic.py", "policy_logits", "ppo_update"),
-    "update/value_forward": ("rlhf/actor_critic.py", "values", "ppo_update"),
+    "update/policy_value": ("rlhf/actor_critic.py", "update_forward"),  # one forward for both roles
+    "update/policy_value/model": ("rlhf/actor_critic.py", "_mixed_hidden", "update_forward"),
     "update/backward": ("torch/_tensor.py", "backward"),
     "update/optimizer_step": ("torch/optim/adam.py", "step"),  # torch 2.13's AdamW is Adam's step
 }

@@ -72,6 +72,11 @@ class PPOStageConfig(StageConfig):
     group_by_length: bool = _help("Cut rollout chunks and update micro-batches from rows sorted by length, so "
                                   "short rows are not padded to the longest (same results up to float rounding; "
                                   "pays off most with several micro-batches per minibatch).", default=True)
+    fuse_roles: bool = _help("Run the roles that read the same rows in one forward, each row copy through its own "
+                             "adapter: reference+value+reward in the rollout, policy+value in the update. Same "
+                             "results up to float rounding, checked on a probe batch at start (if they differ, one "
+                             "forward per role, said in the log); the base weights are read once per forward "
+                             "instead of once per role.", default=True)
     max_prompt_length: int = _help("Prompts keep their last N tokens.", default=128)
     response_length: int = _help("Maximum new tokens per response.", default=32)
     temperature: float = _help("Sampling temperature (also applied to the logits used for logprobs).", default=1.0)
@@ -203,7 +208,11 @@ def main(cfg: PPOStageConfig) -> None:
         sft.path, tokenizer, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_target_modules=cfg.lora_target_modules, reward_adapter=rm_entry.path / "adapter" if shares_base else None,
         reward_head=rm_entry.path / "score_head.safetensors" if shares_base else None,
-        separate_reward=separate, device=dev, value_lora_r=cfg.value_lora_r, trust_remote_code=cfg.trust_remote_code)
+        separate_reward=separate, device=dev, value_lora_r=cfg.value_lora_r, trust_remote_code=cfg.trust_remote_code,
+        fuse_roles=cfg.fuse_roles)
+    log("[ppo] roles fused: reference+value" + ("+reward" if separate is None else "") + " in the rollout, "
+        "policy+value in the update" if ac.unfused_reason is None
+        else f"[ppo] one forward per role ({ac.unfused_reason})")
     footprint = memory_footprint_mb(ac)
     log(f"[ppo] one base ({'4-bit NF4' if cfg.load_in_4bit else 'full precision'}) for policy/ref/value/reward: "
         f"model memory {footprint:.1f} MiB; toxicity scorer {scorer.spec}; world size {world}; "

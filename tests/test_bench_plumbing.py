@@ -185,17 +185,19 @@ def test_plans_and_cli_help():
 
 
 def test_profile_shares_splits_calls_by_caller(tmp_path):
-    """Fake modules at paths ending like ours: policy_logits is counted under the caller that made the call."""
+    """Fake modules at paths ending like ours: the model forward (_mixed_hidden) is counted under the caller that
+    made the call, the rollout's or the update's."""
     (tmp_path / "rlhf").mkdir()
     (tmp_path / "rlhf" / "actor_critic.py").write_text(
         "def busy(n):\n    return sum(i * i for i in range(n))\n"
-        "def policy_logits(n):\n    return busy(n)\n"
-        "def values(n):\n    return busy(n)\n"
+        "def _mixed_hidden(n):\n    return busy(n)\n"
+        "def rollout_forward(n):\n    return _mixed_hidden(n) + busy(n // 10)\n"
+        "def update_forward(n):\n    return _mixed_hidden(n) + busy(n // 10)\n"
         "def generate(n):\n    return busy(n)\n")
     (tmp_path / "rlhf" / "ppo.py").write_text(
         "import actor_critic as ac\n"
-        "def rollout():\n    ac.generate(200000); ac.policy_logits(100000); ac.values(100000)\n"
-        "def ppo_update():\n    ac.policy_logits(300000); ac.values(100000)\n")
+        "def rollout():\n    ac.generate(200000); ac.rollout_forward(100000)\n"
+        "def ppo_update():\n    ac.update_forward(400000)\n")
     sys.path[:0] = [str(tmp_path / "rlhf")]
     try:
         spec = importlib.util.spec_from_file_location("fake_ppo", tmp_path / "rlhf" / "ppo.py")
@@ -210,7 +212,9 @@ def test_profile_shares_splits_calls_by_caller(tmp_path):
     out = bench.profile_shares(tmp_path / "p.prof")
     sec, share = out["seconds"], out["share_of_loop"]
     assert set(sec) == set(bench.PROFILED)
-    assert sec["rollout/generate"] > 0 and sec["rollout/policy_forward"] > 0 and sec["update/policy_forward"] > 0
-    assert sec["rollout/policy_forward"] <= sec["rollout"] and sec["update/policy_forward"] <= sec["update"]
+    assert sec["rollout/generate"] > 0 and sec["rollout/ref_value_reward/model"] > 0
+    assert 0 < sec["rollout/ref_value_reward/model"] < sec["rollout/ref_value_reward"] <= sec["rollout"]
+    assert 0 < sec["update/policy_value/model"] < sec["update/policy_value"] <= sec["update"]
+    assert sec["update/policy_value/model"] > 2 * sec["rollout/ref_value_reward/model"], "callers mixed up"
     assert share["rollout"] + share["update"] == pytest.approx(1.0)
-    assert not math.isnan(share["update/value_forward"])
+    assert not math.isnan(share["update/backward"])

@@ -151,6 +151,92 @@ def test_rollout_chunks_grouped_by_length_give_what_chunks_in_row_order_give(rlh
     assert int(lengths[chunks[0]].max()) < int(lengths.max()), "the first chunk must be narrower than the batch"
 
 
+def test_fused_roles_give_the_update_of_one_forward_per_role(rlhf_registry, tmp_path):
+    """ppo_update with policy and value in one forward (one backward of the summed loss) changes every trainable
+    tensor as one forward and backward per role does."""
+    model = _model_dir(rlhf_registry)
+    for fuse in ("1", "0"):
+        res = run_script(WORKER, model, str(tmp_path / f"f{fuse}.safetensors"), "2", "1", fuse)
+        assert res.returncode == 0, res.stderr[-2000:]
+    _assert_same_update(load_file(str(tmp_path / "f1.safetensors")), load_file(str(tmp_path / "f0.safetensors")))
+
+
+def _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit: bool):
+    """The fixture's actor-critic with policy, value and reward adapters moved apart (each LoRA B is 0 at the
+    start, so every role would otherwise compute the same thing and a mixed-up role could not show)."""
+    from rlhf.actor_critic import build_actor_critic
+    from rlhf.models import load_tokenizer
+
+    model = _model_dir(rlhf_registry)
+    reward = Registry(rlhf_registry).get("reward:latest").path
+    tok = load_tokenizer(model)
+    ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
+                            lora_target_modules="all-linear", reward_adapter=reward / "adapter",
+                            reward_head=reward / "score_head.safetensors", separate_reward=None,
+                            device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ac.model.named_parameters():
+            for k, role in enumerate(("policy", "value", "reward")):
+                if f"lora_B.{role}." in name:
+                    p.add_((0.05 + 0.05 * k) * torch.randn(p.shape, generator=g))
+    return ac, tok
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_fused_roles_give_what_one_forward_per_role_gives(rlhf_registry, tiny_data, load_in_4bit):
+    """fuse_roles: the rollout's reference logprobs, values and RM scores, and the update's logits, values and
+    gradients, equal those of one forward per role; in 4-bit too, where bitsandbytes' matmul output cannot be
+    modified in place (peft's own mixed-adapter batches fail there on backward)."""
+    from types import SimpleNamespace
+
+    from rlhf.data import load_records
+    from rlhf.generation import encode_prompts
+    from rlhf.ppo import rollout
+
+    ac, tok = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit)
+    assert ac.unfused_reason is None and ac.fused
+    prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]], 32)
+    cfg = SimpleNamespace(temperature=0.8, response_length=10, local_rollout_forward_batch_size=4,
+                          group_by_length=True)
+    out, grads = {}, {}
+    for fused in (True, False):
+        ac.fused = fused
+        torch.manual_seed(0)
+        out[fused] = batch = rollout(ac, tok, prompts, cfg, torch.device("cpu"))
+        logits, values = ac.update_forward(batch["query_responses"], batch["attention_mask"], batch["responses"].shape[1])
+        (logits.logsumexp(-1).mean() + (values * batch["attention_mask"]).pow(2).mean()).backward()
+        missing = [n for n, p in ac.trainable_named_parameters() if p.grad is None]
+        assert not missing, (fused, missing[:3], len(missing))
+        grads[fused] = {n: p.grad.clone() for n, p in ac.trainable_named_parameters()}
+        out[fused]["update_logits"], out[fused]["update_values"] = logits.detach(), values.detach()
+        ac.model.zero_grad(set_to_none=True)
+        ac.value_head.zero_grad(set_to_none=True)
+    a, b = out[True], out[False]
+    assert torch.equal(a["responses"], b["responses"])
+    mask = a["mask"].bool()
+    for key in ("ref_logprobs", "values"):
+        torch.testing.assert_close(a[key][mask], b[key][mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["rm_scores"], b["rm_scores"], atol=1e-5, rtol=1e-5)
+    real = a["attention_mask"].bool()
+    torch.testing.assert_close(a["update_values"][real], b["update_values"][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["update_logits"], b["update_logits"], atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(a["ref_logprobs"][mask], a["logprobs"][mask], atol=1e-3), "policy == reference"
+    _assert_same_update(grads[True], grads[False])
+    assert all(g.abs().max() > 0 for n, g in grads[True].items() if "lora_B" in n), "an adapter got no gradient"
+
+
+def test_roles_fall_back_to_one_forward_each_when_the_fused_forward_disagrees(rlhf_registry, monkeypatch):
+    """A model whose logits are not its LM head on the last hidden state (e.g. soft-capped) must not be fused: the
+    start-up probe sees the difference, keeps one forward per role and says why."""
+    from rlhf.actor_critic import ActorCritic
+
+    lm_logits = ActorCritic._lm_logits
+    monkeypatch.setattr(ActorCritic, "_lm_logits", lambda self, h, n: 30 * torch.tanh(lm_logits(self, h, n) / 30))
+    ac, _ = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit=False)
+    assert not ac.fused and ac.unfused_reason.startswith("reference logits differ by")
+
+
 def test_trim_columns_keeps_exactly_the_window_of_real_tokens():
     """A micro-batch drops the prompt columns padded in all its rows (left) and the response columns after
     every row's last token (right), and nothing else."""
@@ -176,6 +262,7 @@ def test_cli_end_to_end_trains_the_policy_and_registers_with_parents(rlhf_regist
     res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "model memory" in res.stderr and "4-bit NF4" in res.stderr
+    assert "roles fused: reference+value+reward in the rollout, policy+value in the update" in res.stderr
     r = Registry(reg)
     ppo = r.get("ppo:latest")
     assert ppo.parents == [r.get("sft:latest").ref, r.get("reward:latest").ref]

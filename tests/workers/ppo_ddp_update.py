@@ -1,6 +1,6 @@
 """Run one PPO update on a fixed synthetic rollout, alone or as one of several processes.
 
-    python tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors [MICRO_BATCH [GROUP_BY_LENGTH 0|1]]
+    python tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors [MICRO_BATCH [GROUP_BY_LENGTH 0|1 [FUSE_ROLES 0|1]]]
     torchrun --nproc_per_node 2 tests/workers/ppo_ddp_update.py MODEL_DIR OUT.safetensors
 
 Every process builds the same model and the same global batch (seeded); rank r keeps
@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_length: bool = True) -> None:
+def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_length: bool = True,
+         fuse_roles: bool = True) -> None:
     import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -37,7 +38,9 @@ def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_leng
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
     ac = build_actor_critic(model_dir, tok, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
-                            reward_adapter=None, reward_head=None, separate_reward=None, device=torch.device("cpu"))
+                            reward_adapter=None, reward_head=None, separate_reward=None, device=torch.device("cpu"),
+                            fuse_roles=fuse_roles)
+    assert ac.fused == fuse_roles, ac.unfused_reason
     params = [p for _, p in ac.trainable_named_parameters()]
 
     # A fixed global rollout: 8 rows, prompts left-padded to 5 tokens and responses right-padded to 6, both
@@ -76,4 +79,4 @@ def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_leng
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None,
-         sys.argv[4] != "0" if len(sys.argv) > 4 else True)
+         sys.argv[4] != "0" if len(sys.argv) > 4 else True, sys.argv[5] != "0" if len(sys.argv) > 5 else True)
