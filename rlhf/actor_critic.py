@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -166,8 +167,12 @@ class ActorCritic(nn.Module):
                 if role is not None and role in module.lora_A:
                     if role in module.lora_variant:
                         raise NotImplementedError(f"a LoRA variant ({type(module.lora_variant[role]).__name__})")
-                    xk = x[k * b:(k + 1) * b].to(module.lora_A[role].weight.dtype)
-                    lora = module.lora_B[role](module.lora_A[role](module.lora_dropout[role](xk)))
+                    A, B = module.lora_A[role], module.lora_B[role]
+                    xk = x[k * b:(k + 1) * b].to(A.weight.dtype)
+                    if module.training:  # dropout is the identity in eval mode, which PPO runs in
+                        xk = module.lora_dropout[role](xk)
+                    # A and B are plain Linear layers: their weights directly, without a module call each.
+                    lora = F.linear(F.linear(xk, A.weight, A.bias), B.weight, B.bias)
                     part = part + (lora * module.scaling[role]).to(out.dtype)
                 parts.append(part)
             return torch.cat(parts)
