@@ -569,6 +569,7 @@ class Settings:
     # are cut into chunks by length. TRL 1.12 cannot split its minibatches this way (docs/BENCHMARKS.md).
     ours_micro_batch: int = 2
     ours_rollout_chunk: int = 4
+    ours_fuse_roles: bool = True  # pays at these small chunks (docs/BENCHMARKS.md)
 
 
 def ours_cmd(s: Settings, setup: Setup, *, sft: str, reward: str, four_bit: bool, seed: int) -> list[str]:
@@ -585,6 +586,7 @@ def ours_cmd(s: Settings, setup: Setup, *, sft: str, reward: str, four_bit: bool
         "kl_estimator": "k1", "temperature": s.temperature, "missing_eos_penalty": s.missing_eos_penalty,
         "lora_r": s.lora_r, "lora_alpha": s.lora_alpha,
         "local_rollout_forward_batch_size": s.ours_rollout_chunk, "group_by_length": "true",
+        "fuse_roles": str(s.ours_fuse_roles).lower(),
         "max_grad_norm": 1e9,  # TRL's PPO loop does not clip gradients
         "toxicity": "profanity-check", "toxicity_coef": 0, "save_steps": 10**6, "sample_steps": 10**6,
         "logging_steps": 10**6,

@@ -259,7 +259,8 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 def test_cli_end_to_end_trains_the_policy_and_registers_with_parents(rlhf_registry, tiny_data, tmp_path):
     reg = _copy(rlhf_registry, tmp_path)
-    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO,
+                     "--fuse_roles", "true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "model memory" in res.stderr and "4-bit NF4" in res.stderr
     assert "roles fused: reference+value+reward in the rollout, policy+value in the update" in res.stderr
@@ -431,8 +432,9 @@ def test_reward_model_on_its_own_weights_is_loaded_separately(rlhf_registry, tin
     entry = r.register("reward", staged, parents=[sft.ref], config={"reward_kind": "model", "base_model": sft.ref},
                        metrics={"reward_mean": 0.0, "reward_std": 1.0})
     res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO,
-                     "--reward_model", entry.ref)
+                     "--reward_model", entry.ref, "--fuse_roles", "true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "loaded separately" in res.stderr
+    assert "roles fused: reference+value in the rollout, policy+value in the update" in res.stderr
     ppo = r.get("ppo:latest")
     assert ppo.config["reward_shares_base"] is False and ppo.parents[-1] == entry.ref
