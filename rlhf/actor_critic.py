@@ -134,16 +134,23 @@ class ActorCritic(nn.Module):
     def values(self, ids: Tensor, mask: Tensor) -> Tensor:
         with self.role("value"):
             h = self._forward(ids, mask, hidden=True, logits_to_keep=1).hidden_states[-1]  # (B, T, H)
-        return self.value_head(h.float()).squeeze(-1)  # (B, T)
+        return self._value(h)
 
     @torch.no_grad()
     def reward_scores(self, ids: Tensor, mask: Tensor) -> Tensor:
         """(B,) raw RM score read at each row's last real token (never a pad)."""
         with self.role("reward"):
             h = self._forward(ids, mask, hidden=True, logits_to_keep=1).hidden_states[-1]  # (B, T, H)
+        return self._score(h, mask)
+
+    def _value(self, h: Tensor) -> Tensor:
+        """(B, T) values from last hidden states (B, T, H)."""
+        return self.value_head(h.float()).squeeze(-1)
+
+    def _score(self, h: Tensor, mask: Tensor) -> Tensor:
+        """(B,) reward head read at each row's last real token (never a pad) of last hidden states (B, T, H)."""
         last = last_token_index(mask)  # (B,)
-        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
-        return self.reward_head(h_last.float()).squeeze(-1)  # (B,)
+        return self.reward_head(h[torch.arange(h.shape[0], device=h.device), last].float()).squeeze(-1)
 
     def generate(self, **kwargs: Any) -> Tensor:
         with self.role("policy"):
@@ -214,10 +221,6 @@ class ActorCritic(nn.Module):
         """(B, R, V) logits from last hidden states (B, T, H), predicting the last `n_response` tokens."""
         return self.model.get_output_embeddings()(h[:, -(n_response + 1):-1])
 
-    def _score(self, h: Tensor, mask: Tensor) -> Tensor:
-        last = last_token_index(mask)
-        return self.reward_head(h[torch.arange(h.shape[0], device=h.device), last].float()).squeeze(-1)
-
     def rollout_forward(self, ids: Tensor, mask: Tensor, n_response: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """Without gradients: reference logits (B, R, V), values (B, T) and raw RM scores (B,) (None when the
         reward model is separate): one mixed forward when `fused`, else one forward per role."""
@@ -227,7 +230,7 @@ class ActorCritic(nn.Module):
                 return self.ref_logits(ids, mask, n_response), self.values(ids, mask), scores
             roles = [None, "value"] + (["reward"] if self.reward_head is not None else [])
             h = self._mixed_hidden(ids, mask, roles)
-            return (self._lm_logits(h[0], n_response), self.value_head(h[1].float()).squeeze(-1),
+            return (self._lm_logits(h[0], n_response), self._value(h[1]),
                     self._score(h[2], mask) if len(roles) == 3 else None)
 
     def update_forward(self, ids: Tensor, mask: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
@@ -238,7 +241,7 @@ class ActorCritic(nn.Module):
             self._trainable_requires_grad()  # set_adapter("value") froze the policy adapter before the backward
             return out
         h = self._mixed_hidden(ids, mask, ["policy", "value"])
-        return self._lm_logits(h[0], n_response), self.value_head(h[1].float()).squeeze(-1)
+        return self._lm_logits(h[0], n_response), self._value(h[1])
 
     def check_fused(self, vocab_size: int, device: torch.device, atol: float = 1e-4) -> str | None:
         """Turn `fused` on if mixed forwards give what one forward per role gives on a probe batch (two rows,
@@ -332,7 +335,7 @@ def build_actor_critic(
     device: torch.device,
     value_lora_r: int | None = None,
     trust_remote_code: bool = False,
-    fuse_roles: bool = True,
+    fuse_roles: bool = False,
 ) -> ActorCritic:
     """Load the base once and attach the adapters (see module docstring)."""
     from peft import LoraConfig, get_peft_model

@@ -212,9 +212,11 @@ def main(cfg: PPOStageConfig) -> None:
         reward_head=rm_entry.path / "score_head.safetensors" if shares_base else None,
         separate_reward=separate, device=dev, value_lora_r=cfg.value_lora_r, trust_remote_code=cfg.trust_remote_code,
         fuse_roles=cfg.fuse_roles)
-    log("[ppo] roles fused: reference+value" + ("+reward" if separate is None else "") + " in the rollout, "
-        "policy+value in the update" if ac.unfused_reason is None
-        else f"[ppo] one forward per role ({ac.unfused_reason})")
+    if ac.unfused_reason is None:
+        rollout_roles = "reference+value" + ("+reward" if separate is None else "")
+        log(f"[ppo] roles fused: {rollout_roles} in the rollout, policy+value in the update")
+    else:
+        log(f"[ppo] one forward per role ({ac.unfused_reason})")
     footprint = memory_footprint_mb(ac)
     log(f"[ppo] one base ({'4-bit NF4' if cfg.load_in_4bit else 'full precision'}) for policy/ref/value/reward: "
         f"model memory {footprint:.1f} MiB; toxicity scorer {scorer.spec}; world size {world}; "

@@ -42,6 +42,16 @@ def _assert_same_update(a: dict, b: dict) -> None:
     _assert_same_tensors(a, b, atol=1e-5 * largest)
 
 
+def _assert_same_rollout(a: dict, b: dict) -> None:
+    """Two rollouts of the same seed: same responses, and per real token the same reference logprobs and
+    values, per row the same RM score, up to float rounding."""
+    assert torch.equal(a["responses"], b["responses"])
+    mask = a["mask"].bool()
+    for key in ("ref_logprobs", "values"):
+        torch.testing.assert_close(a[key][mask], b[key][mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["rm_scores"], b["rm_scores"], atol=1e-5, rtol=1e-5)
+
+
 def test_gradient_accumulation_invariance_1x8_equals_8x1(rlhf_registry, tmp_path):
     """Splitting a minibatch into micro-batches must not change the update (token-weighted losses)."""
     model = _model_dir(rlhf_registry)
@@ -139,11 +149,7 @@ def test_rollout_chunks_grouped_by_length_give_what_chunks_in_row_order_give(rlh
         torch.manual_seed(0)
         out[group] = rollout(ac, tok, prompts, cfg, torch.device("cpu"))
     a, b = out[True], out[False]
-    assert torch.equal(a["responses"], b["responses"])
-    mask = a["mask"].bool()
-    for key in ("ref_logprobs", "values"):
-        torch.testing.assert_close(a[key][mask], b[key][mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a["rm_scores"], b["rm_scores"], atol=1e-5, rtol=1e-5)
+    _assert_same_rollout(a, b)
     chunks = length_chunks(a["attention_mask"], 3, True)
     lengths = a["attention_mask"].sum(1)
     assert sorted(torch.cat(chunks).tolist()) == list(range(7))
@@ -173,7 +179,7 @@ def _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit: bool):
     ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
                             lora_target_modules="all-linear", reward_adapter=reward / "adapter",
                             reward_head=reward / "score_head.safetensors", separate_reward=None,
-                            device=torch.device("cpu"))
+                            device=torch.device("cpu"), fuse_roles=True)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in ac.model.named_parameters():
@@ -213,11 +219,8 @@ def test_fused_roles_give_what_one_forward_per_role_gives(rlhf_registry, tiny_da
         ac.model.zero_grad(set_to_none=True)
         ac.value_head.zero_grad(set_to_none=True)
     a, b = out[True], out[False]
-    assert torch.equal(a["responses"], b["responses"])
+    _assert_same_rollout(a, b)
     mask = a["mask"].bool()
-    for key in ("ref_logprobs", "values"):
-        torch.testing.assert_close(a[key][mask], b[key][mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a["rm_scores"], b["rm_scores"], atol=1e-5, rtol=1e-5)
     real = a["attention_mask"].bool()
     torch.testing.assert_close(a["update_values"][real], b["update_values"][real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a["update_logits"], b["update_logits"], atol=1e-4, rtol=1e-5)
