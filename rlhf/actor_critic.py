@@ -75,6 +75,7 @@ class ActorCritic(nn.Module):
         self.reward_head = reward_head
         self.separate_reward = separate_reward
         self.fused = False
+        self.dequantize_for_generation = False  # see rlhf.models.dequantized_4bit
         if reward_head is not None:
             reward_head.requires_grad_(False)
         self._trainable = [p for _, p in self.trainable_named_parameters()]
@@ -153,7 +154,9 @@ class ActorCritic(nn.Module):
         return self.reward_head(h[torch.arange(h.shape[0], device=h.device), last].float()).squeeze(-1)
 
     def generate(self, **kwargs: Any) -> Tensor:
-        with self.role("policy"):
+        from rlhf.models import dequantized_4bit
+
+        with self.role("policy"), dequantized_4bit(self.model, enabled=self.dequantize_for_generation):
             return self.model.generate(**kwargs)
 
     # -------------------------------------------------------------- several roles in one forward

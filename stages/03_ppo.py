@@ -107,6 +107,11 @@ class PPOStageConfig(StageConfig):
     logging_steps: int = _help("Print a progress line every N PPO steps (metrics.jsonl gets every step).", default=1)
     sample_steps: int = _help("Log a few sample responses every N PPO steps.", default=10)
     save_steps: int = _help("Checkpoint every N PPO steps (for --resume).", default=10)
+    dequantize_for_generation: bool | None = _help(
+        "Generation computes the 4-bit base's layers with weights dequantized once per rollout instead of at every "
+        "token: the same tokens, for a full-precision copy of the base's linear weights during generation (GPT-2 "
+        "small: 340 MiB). Unset (null): on the CPU, where bitsandbytes dequantizes at every call (-16% generation "
+        "time on GPT-2 small), off on GPUs, where its 4-bit kernels do not.", default=None)
     cpu_mmap_threshold_mb: float = _help("glibc: CPU tensors of at least this many MiB go back to the system when freed "
                                          "during loading and the update (peak RSS on GPT-2 small 4.4 -> 2.6 GiB); 0: glibc's default "
                                          "(rlhf/allocator.py).", default=4.0)
@@ -212,6 +217,8 @@ def main(cfg: PPOStageConfig) -> None:
         reward_head=rm_entry.path / "score_head.safetensors" if shares_base else None,
         separate_reward=separate, device=dev, value_lora_r=cfg.value_lora_r, trust_remote_code=cfg.trust_remote_code,
         fuse_roles=cfg.fuse_roles)
+    ac.dequantize_for_generation = cfg.load_in_4bit and (
+        cfg.dequantize_for_generation if cfg.dequantize_for_generation is not None else dev.type == "cpu")
     if ac.unfused_reason is None:
         rollout_roles = "reference+value" + ("+reward" if separate is None else "")
         log(f"[ppo] roles fused: {rollout_roles} in the rollout, policy+value in the update")

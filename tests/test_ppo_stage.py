@@ -123,6 +123,66 @@ def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_regi
     assert not torch.allclose(batch["logprobs"][mask], batch["ref_logprobs"][mask], atol=1e-3)
 
 
+def test_generation_on_weights_dequantized_once_samples_what_4bit_generation_samples(rlhf_registry, tiny_data,
+                                                                                   monkeypatch):
+    """dequantize_for_generation: the 4-bit layers compute with weights dequantized once per rollout instead of
+    bitsandbytes' 4-bit matmul at every token; the same seed must sample the same tokens with the same logprobs,
+    and the layers must be 4-bit again afterwards."""
+    from types import SimpleNamespace
+
+    import bitsandbytes as bnb
+
+    from rlhf.actor_critic import build_actor_critic
+    from rlhf.data import load_records
+    from rlhf.generation import encode_prompts
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo import rollout
+
+    model = _model_dir(rlhf_registry)
+    reward = Registry(rlhf_registry).get("reward:latest").path
+    tok = load_tokenizer(model)
+    ac = build_actor_critic(model, tok, load_in_4bit=True, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
+                            reward_adapter=reward / "adapter", reward_head=reward / "score_head.safetensors",
+                            separate_reward=None, device=torch.device("cpu"))
+    with torch.no_grad():  # a policy adapter that differs from the reference
+        for name, p in ac.model.named_parameters():
+            if ".policy." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]], 32)
+    cfg = SimpleNamespace(temperature=1.0, response_length=12, local_rollout_forward_batch_size=4,
+                          group_by_length=True)
+    calls = {"n": 0}
+    matmul_4bit = bnb.matmul_4bit
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return matmul_4bit(*args, **kwargs)
+
+    generate, in_generation = ac.model.generate, []
+
+    def tracked(**kwargs):
+        before = calls["n"]
+        out = generate(**kwargs)
+        in_generation.append(calls["n"] - before)
+        return out
+
+    monkeypatch.setattr(bnb, "matmul_4bit", counted)
+    monkeypatch.setattr(ac.model, "generate", tracked)
+    batches, in_rollout = [], []
+    for dense in (False, True):
+        ac.dequantize_for_generation = dense
+        before = calls["n"]
+        torch.manual_seed(0)
+        batches.append(rollout(ac, tok, prompts, cfg, torch.device("cpu")))
+        in_rollout.append(calls["n"] - before)
+    assert in_generation[0] > 0 and in_generation[1] == 0, in_generation
+    assert in_rollout[1] > 0, "the 4-bit layers did not compute in 4-bit again after generation"
+    plain, dense = batches
+    assert torch.equal(plain["responses"], dense["responses"])
+    torch.testing.assert_close(plain["logprobs"], dense["logprobs"], atol=1e-6, rtol=1e-6)
+    _assert_same_rollout(plain, dense)
+
+
 def test_rollout_chunks_grouped_by_length_give_what_chunks_in_row_order_give(rlhf_registry, tiny_data):
     """Rollout forwards over length-sorted chunks, each cut to its real columns, must return per row the reference
     logprobs, values and RM scores of chunks in row order (same sampled responses: same seed)."""
