@@ -369,3 +369,48 @@ def dequantized_4bit(model: Any, enabled: bool = True) -> Iterator[int]:
     finally:
         for m in patched:
             del m.forward
+
+
+def dequantized_4bit_mb(model: Any) -> float:
+    """MiB that `dequantized_4bit` holds for `model`: each 4-bit layer's weight in its compute dtype."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0.0
+    total = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            state = m.weight.quant_state
+            dtype = m.compute_dtype if m.compute_dtype is not None else state.dtype
+            total += state.shape.numel() * dtype.itemsize
+    return total / 2**20
+
+
+def available_memory_mb() -> float | None:
+    """Memory the system can still give this process (Linux's MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def choose_dequantize_for_generation(setting: bool | None, device_type: str, copy_mb: float,
+                                     available_mb: float | None) -> tuple[bool, str]:
+    """Whether PPO generates on dequantized 4-bit weights (`dequantized_4bit`), and why, for the log.
+
+    An explicit setting wins. Unset: on the CPU (bitsandbytes dequantizes at every call there) when the copy
+    takes at most a quarter of the memory still available, so a large model loaded in 4-bit to fit is not
+    pushed out of memory; off on GPUs, whose 4-bit kernels do not dequantize per call."""
+    if copy_mb == 0:
+        return False, "no 4-bit layers"
+    if setting is not None:
+        return setting, f"dequantize_for_generation is {str(setting).lower()}"
+    if device_type != "cpu":
+        return False, f"unset, and on {device_type} the 4-bit kernels do not dequantize per call"
+    if available_mb is not None and copy_mb > available_mb / 4:
+        return False, (f"unset, and the copy ({copy_mb:.0f} MiB) would take more than a quarter of the "
+                       f"{available_mb:.0f} MiB available")
+    return True, "unset, on the CPU"

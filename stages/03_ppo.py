@@ -110,8 +110,9 @@ class PPOStageConfig(StageConfig):
     dequantize_for_generation: bool | None = _help(
         "Generation computes the 4-bit base's layers with weights dequantized once per rollout instead of at every "
         "token: the same tokens, for a full-precision copy of the base's linear weights during generation (GPT-2 "
-        "small: 340 MiB). Unset (null): on the CPU, where bitsandbytes dequantizes at every call (-16% generation "
-        "time on GPT-2 small), off on GPUs, where its 4-bit kernels do not.", default=None)
+        "small: 324 MiB). Unset (null): on the CPU, where bitsandbytes dequantizes at every call (-16% generation "
+        "time on GPT-2 small), if the copy takes at most a quarter of the memory available; off on GPUs, where "
+        "its 4-bit kernels do not. The log says which and why.", default=None)
     cpu_mmap_threshold_mb: float = _help("glibc: CPU tensors of at least this many MiB go back to the system when freed "
                                          "during loading and the update (peak RSS on GPT-2 small 4.4 -> 2.6 GiB); 0: glibc's default "
                                          "(rlhf/allocator.py).", default=4.0)
@@ -161,7 +162,8 @@ def main(cfg: PPOStageConfig) -> None:
     from rlhf.allocator import FreedMemory
     from rlhf.data import fingerprint, load_records
     from rlhf.generation import encode_prompts
-    from rlhf.models import load_tokenizer, memory_footprint_mb, model_positions, resolve_model
+    from rlhf.models import (available_memory_mb, choose_dequantize_for_generation, dequantized_4bit_mb,
+                             load_tokenizer, memory_footprint_mb, model_positions, resolve_model)
     from rlhf.ppo import global_whiten, load_checkpoint, ppo_update, rollout, save_checkpoint
     from rlhf.ppo_math import (AdaptiveKLController, FixedKLController, LagrangeController, compute_gae,
                                kl_k3, kl_penalty, masked_whiten, per_token_rewards,
@@ -217,8 +219,12 @@ def main(cfg: PPOStageConfig) -> None:
         reward_head=rm_entry.path / "score_head.safetensors" if shares_base else None,
         separate_reward=separate, device=dev, value_lora_r=cfg.value_lora_r, trust_remote_code=cfg.trust_remote_code,
         fuse_roles=cfg.fuse_roles)
-    ac.dequantize_for_generation = cfg.load_in_4bit and (
-        cfg.dequantize_for_generation if cfg.dequantize_for_generation is not None else dev.type == "cpu")
+    copy_mb = dequantized_4bit_mb(ac.model)
+    ac.dequantize_for_generation, why = choose_dequantize_for_generation(
+        cfg.dequantize_for_generation, dev.type, copy_mb, available_memory_mb())
+    if cfg.load_in_4bit:
+        log(f"[ppo] generation on weights dequantized once per rollout (+{copy_mb:.0f} MiB while generating; {why})"
+            if ac.dequantize_for_generation else f"[ppo] generation on the 4-bit weights ({why})")
     if ac.unfused_reason is None:
         rollout_roles = "reference+value" + ("+reward" if separate is None else "")
         log(f"[ppo] roles fused: {rollout_roles} in the rollout, policy+value in the update")

@@ -314,6 +314,20 @@ def test_trim_columns_keeps_exactly_the_window_of_real_tokens():
     assert trim_columns(torch.ones(2, 9, dtype=torch.long), P) == (0, 5, 4)
 
 
+def test_generation_dequantizes_unless_told_not_to_or_on_a_gpu_or_when_the_copy_would_crowd_memory():
+    """Unset, dequantize_for_generation is on only on the CPU and only when the full-precision copy takes at most a
+    quarter of the memory available: a model loaded in 4-bit so that it fits must not be pushed out of memory."""
+    from rlhf.models import choose_dequantize_for_generation as choose
+
+    assert choose(None, "cpu", 324, 16000)[0] is True
+    assert choose(None, "cpu", 324, None)[0] is True  # memory unknown (no /proc/meminfo)
+    assert choose(None, "cpu", 26000, 64000) == (False, "unset, and the copy (26000 MiB) would take more than "
+                                                        "a quarter of the 64000 MiB available")
+    assert choose(None, "cuda", 324, 16000)[0] is False
+    assert choose(True, "cuda", 324, 16000)[0] is True and choose(False, "cpu", 324, 16000)[0] is False
+    assert choose(True, "cpu", 0, 16000)[0] is False  # full precision: nothing to dequantize
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "runs"
     shutil.copytree(src, dst)
@@ -327,6 +341,7 @@ def test_cli_end_to_end_trains_the_policy_and_registers_with_parents(rlhf_regist
     assert res.returncode == 0, res.stderr[-3000:]
     assert "model memory" in res.stderr and "4-bit NF4" in res.stderr
     assert "roles fused: reference+value+reward in the rollout, policy+value in the update" in res.stderr
+    assert "generation on weights dequantized once per rollout" in res.stderr  # unset: on, on the CPU
     r = Registry(reg)
     ppo = r.get("ppo:latest")
     assert ppo.parents == [r.get("sft:latest").ref, r.get("reward:latest").ref]
