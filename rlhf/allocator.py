@@ -17,7 +17,7 @@ at most ~1.3 GiB is ever in use together.
 Within a phase the heap keeps the free pages at its top (trim threshold 1 GiB) for the next
 tensors. With a fixed mmap threshold glibc's trim threshold stays at 128 KiB: nearly every
 free at the heap's top gave pages back and the next allocation faulted them in again, zeroed.
-On the demo's model that churn was ~40% of an update micro-batch's time (measured). The
+On the demo's model that churn added 20-90% to an update micro-batch's time (measured). The
 kept pages are reused, not added: `malloc_trim` at the phase switch hands them back.
 
 GPU memory is not affected (CUDA has its own caching allocator); other C libraries

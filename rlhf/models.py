@@ -264,24 +264,35 @@ def set_cpu_4bit_packing(model: Any, enabled: bool) -> int:
     an in-place operation"). Training code that evaluates first forbids packing
     (and unpacks weights packed so far) before it trains.
     """
+    layers = linear_4bit_layers(model)
+    if not layers:
+        return 0
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for module in layers:
+        if not hasattr(module, "_rlhf_packing_supported"):
+            module._rlhf_packing_supported = module.support_avx512bf16_for_cpu
+        module.support_avx512bf16_for_cpu = enabled and module._rlhf_packing_supported
+        state = getattr(module.weight, "quant_state", None)
+        if not enabled and state is not None and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )
+    return len(layers)
+
+
+def linear_4bit_layers(model: Any) -> list:
+    """The bitsandbytes 4-bit linear layers of `model` ([] without bitsandbytes)."""
     try:
         import bitsandbytes as bnb
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     except ImportError:
-        return 0
-    n = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            if not hasattr(module, "_rlhf_packing_supported"):
-                module._rlhf_packing_supported = module.support_avx512bf16_for_cpu
-            module.support_avx512bf16_for_cpu = enabled and module._rlhf_packing_supported
-            state = getattr(module.weight, "quant_state", None)
-            if not enabled and state is not None and getattr(state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, state
-                )
-            n += 1
-    return n
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _dequantized_dtype(layer: Any) -> "torch.dtype":
+    """The dtype bitsandbytes dequantizes a 4-bit layer's weight to: its compute dtype, else the weight's own."""
+    return layer.compute_dtype if layer.compute_dtype is not None else layer.weight.quant_state.dtype
 
 
 def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
@@ -340,29 +351,22 @@ def dequantized_4bit(model: Any, enabled: bool = True) -> Iterator[int]:
     """
     import torch.nn.functional as F
 
-    layers: list = []
-    if enabled:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            bnb = None
-        if bnb is not None:
-            layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-
     def dense(module: Any, weight: "torch.Tensor") -> Any:
         def forward(x: "torch.Tensor") -> "torch.Tensor":
             bias = module.bias.to(weight.dtype) if module.bias is not None else None
             return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return forward
 
+    layers = linear_4bit_layers(model) if enabled else []
+    if layers:
+        from bitsandbytes.functional import dequantize_4bit
     patched = []
     try:
         for m in layers:
             state = m.weight.quant_state
             if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' fused CPU layout: left to it
                 continue
-            dtype = m.compute_dtype if m.compute_dtype is not None else state.dtype
-            weight = bnb.functional.dequantize_4bit(m.weight.data, state).to(dtype)
+            weight = dequantize_4bit(m.weight.data, state).to(_dequantized_dtype(m))
             m.forward = dense(m, weight)  # an instance attribute: shadows the class's forward until removed
             patched.append(m)
         yield len(patched)
@@ -373,17 +377,8 @@ def dequantized_4bit(model: Any, enabled: bool = True) -> Iterator[int]:
 
 def dequantized_4bit_mb(model: Any) -> float:
     """MiB that `dequantized_4bit` holds for `model`: each 4-bit layer's weight in its compute dtype."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0.0
-    total = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            state = m.weight.quant_state
-            dtype = m.compute_dtype if m.compute_dtype is not None else state.dtype
-            total += state.shape.numel() * dtype.itemsize
-    return total / 2**20
+    return sum(m.weight.quant_state.shape.numel() * _dequantized_dtype(m).itemsize
+               for m in linear_4bit_layers(model)) / 2**20
 
 
 def available_memory_mb() -> float | None:

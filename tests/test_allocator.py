@@ -76,7 +76,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_within_a_phase_freed_heap_pages_are_reused_not_faulted_in_again():
     """Training steps free and reallocate the same activations. Within a phase the heap keeps its freed top
     pages for them; with glibc's trim threshold of 128 KiB (what a fixed mmap threshold leaves) they go back at
-    nearly every free and each step faults them in again, zeroed (~40% of an update's time on the demo model)."""
+    nearly every free and each step faults them in again, zeroed (+20-90% on an update micro-batch of the demo model)."""
     faults = {}
     for kind in ("ours", "glibc"):
         out = subprocess.run([sys.executable, "-c", FAULTS_PROBE, kind], capture_output=True, text=True, cwd=ROOT,

@@ -132,22 +132,11 @@ def test_generation_on_weights_dequantized_once_samples_what_4bit_generation_sam
 
     import bitsandbytes as bnb
 
-    from rlhf.actor_critic import build_actor_critic
     from rlhf.data import load_records
     from rlhf.generation import encode_prompts
-    from rlhf.models import load_tokenizer
     from rlhf.ppo import rollout
 
-    model = _model_dir(rlhf_registry)
-    reward = Registry(rlhf_registry).get("reward:latest").path
-    tok = load_tokenizer(model)
-    ac = build_actor_critic(model, tok, load_in_4bit=True, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
-                            reward_adapter=reward / "adapter", reward_head=reward / "score_head.safetensors",
-                            separate_reward=None, device=torch.device("cpu"))
-    with torch.no_grad():  # a policy adapter that differs from the reference
-        for name, p in ac.model.named_parameters():
-            if ".policy." in name:
-                p.add_(0.05 * torch.randn_like(p))
+    ac, tok = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit=True)
     prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]], 32)
     cfg = SimpleNamespace(temperature=1.0, response_length=12, local_rollout_forward_batch_size=4,
                           group_by_length=True)
