@@ -28,6 +28,9 @@ C = TypeVar("C")
 
 # Keys never written to the registry or logs, whatever the config calls them.
 _SECRET_WORDS = ("token", "secret", "password", "api_key")
+# How a run is driven, not what it trains: left out of the run's key and of the entry's recorded config (an
+# absolute registry folder would tie a moved or shared registry to one machine).
+RUN_FLAGS = ("registry", "resume", "reuse")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -56,9 +59,9 @@ class StageConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self, exclude: tuple[str, ...] = ("resume", "reuse", "registry")) -> str:
+    def fingerprint(self) -> str:
         """A short hash of the fields that change what is trained (not how the run is driven)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        data = {k: v for k, v in self.to_dict().items() if k not in RUN_FLAGS}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -97,10 +100,9 @@ class TrainerStageConfig(StageConfig):
 
 
 def public_config(cfg: Any) -> dict[str, Any]:
-    """The config as stored in the registry: secrets left out."""
-    return {
-        k: v for k, v in dataclasses.asdict(cfg).items() if not any(w in k.lower() for w in _SECRET_WORDS)
-    }
+    """The config as stored in the registry: secrets and run flags (`RUN_FLAGS`) left out."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in RUN_FLAGS and not any(w in k.lower() for w in _SECRET_WORDS)}
 
 
 def check_positive(cfg: Any, *names: str) -> None:

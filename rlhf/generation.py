@@ -25,24 +25,12 @@ def encode_prompts(tokenizer: Any, prompts: list[list[dict]], max_prompt_length:
     return out
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(input_ids, attention_mask), both (B, T), padded on the left."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def generate_ids(model: Any, tokenizer: Any, rows: list[list[int]], *, max_new_tokens: int, do_sample: bool,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32) -> tuple[list[list[int]], list[bool]]:
     """Response ids for prompt token rows (cut after the first EOS, which is kept) and whether each has one."""
     import torch
+
+    from rlhf.sequences import left_pad
 
     dev = next(model.parameters()).device
     eos = tokenizer.eos_token_id

@@ -15,20 +15,17 @@ resizes the model's embeddings (`fit_embeddings`).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import RegistryError, UserError
+from rlhf.hub import is_hub_id, unreachable
 from rlhf.registry import STAGES, Entry, Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ def resolve_model(ref: str, registry: Registry, stages: tuple[str, ...] = STAGES
         if not (path / "config.json").is_file():
             raise UserError(f"{ref}: folder has no config.json; expected a model saved with save_pretrained")
         return ResolvedModel(ref=ref, path=str(path.resolve()))
-    if ref.startswith((".", "/", "~")) or os.sep in ref.rstrip("/").replace("/", "", 1) or not _HUB_ID.match(ref):
+    if ref.startswith((".", "/", "~")) or os.sep in ref.rstrip("/").replace("/", "", 1) or not is_hub_id(ref):
         raise UserError(f"{ref}: no such folder, and not a registry reference (stage:latest, stage:<id>) or hub id")
     return ResolvedModel(ref=ref, path=ref, hub_id=_check_hub_model(ref))
 
@@ -77,11 +74,17 @@ def _check_hub_model(repo_id: str, timeout: float = 10.0) -> str:
     hint = "download it first (scripts/fetch_assets.py) or pass a local folder"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise RegistryError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
-    from huggingface_hub import model_info
+    from huggingface_hub import constants, model_info
 
+    # The bounded probe first: model_info's timeout covers neither name resolution nor its retries.
+    reason = unreachable(timeout)
+    if reason is not None:
+        raise RegistryError(
+            f"{repo_id}: cannot reach it on the Hugging Face hub at {constants.ENDPOINT} ({reason}); {hint}"
+        )
     try:
         model_info(repo_id, timeout=timeout)
-    except Exception as exc:  # network errors come in many types; all mean the same here
+    except Exception as exc:  # not found, gated, or the network failing after all: many types, one meaning here
         reason = type(exc).__name__
         raise RegistryError(f"{repo_id}: cannot reach it on the Hugging Face hub ({reason}); {hint}") from None
     return repo_id
@@ -166,20 +169,6 @@ def init_new_rows(model: "PreTrainedModel", n_old: int) -> None:
                 layer.bias[n_old:] = layer.bias[:n_old].mean()
 
 
-def quantization_config(load_in_4bit: bool) -> Any:
-    """NF4 with double quantization; compute dtype bf16 on GPU, fp32 on CPU."""
-    if not load_in_4bit:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(),
-    )
-
-
 def load_model(
     path: str,
     kind: str = "causal_lm",
@@ -198,6 +187,8 @@ def load_model(
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     if kind == "score":
         kwargs.setdefault("num_labels", 1)
+    from rlhf.quant import quantization_config
+
     quant = quantization_config(load_in_4bit)
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -255,46 +246,6 @@ def trainable_to_compute_dtype(model: Any) -> None:
             param.data = param.data.to(dtype)
 
 
-def set_cpu_4bit_packing(model: Any, enabled: bool) -> int:
-    """Allow or forbid bitsandbytes' CPU inference layout for 4-bit weights; return the layers touched.
-
-    On CPUs with AVX512-BF16, a `Linear4bit` in eval mode repacks its weight for a
-    faster inference kernel and keeps that layout; a backward pass through the
-    packed layout then fails (bitsandbytes 0.50: "a view of a leaf Variable ... in
-    an in-place operation"). Training code that evaluates first forbids packing
-    (and unpacks weights packed so far) before it trains.
-    """
-    layers = linear_4bit_layers(model)
-    if not layers:
-        return 0
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    for module in layers:
-        if not hasattr(module, "_rlhf_packing_supported"):
-            module._rlhf_packing_supported = module.support_avx512bf16_for_cpu
-        module.support_avx512bf16_for_cpu = enabled and module._rlhf_packing_supported
-        state = getattr(module.weight, "quant_state", None)
-        if not enabled and state is not None and getattr(state, "packing_format_for_cpu", False):
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state
-            )
-    return len(layers)
-
-
-def linear_4bit_layers(model: Any) -> list:
-    """The bitsandbytes 4-bit linear layers of `model` ([] without bitsandbytes)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
-def _dequantized_dtype(layer: Any) -> "torch.dtype":
-    """The dtype bitsandbytes dequantizes a 4-bit layer's weight to: its compute dtype, else the weight's own."""
-    return layer.compute_dtype if layer.compute_dtype is not None else layer.weight.quant_state.dtype
-
-
 def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
                     trust_remote_code: bool = False) -> tuple[Any, Any, ResolvedModel]:
     """(model, tokenizer, resolved) for generating with any reference, on the default device.
@@ -337,75 +288,3 @@ def model_positions(path: str, trust_remote_code: bool = False) -> int | None:
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read the model config ({str(exc).splitlines()[0]})") from None
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-@contextmanager
-def dequantized_4bit(model: Any, enabled: bool = True) -> Iterator[int]:
-    """Within the block, every bitsandbytes 4-bit linear layer of `model` computes with its weight dequantized
-    once on entry instead of at every call; yields the number of such layers (0 when not `enabled`).
-
-    Same results: bitsandbytes itself dequantizes to the input's dtype and applies a plain linear layer, on the
-    CPU at every call (it has no fused 4-bit kernel there without AVX-512 BF16). Generation calls each layer
-    once per token, so that is where it pays (GPT-2 small, 16 rows of 32 tokens on 1 CPU thread: 13.7 -> 11.5 s,
-    once ~0.2 s of dequantizing). Costs a full-precision copy of those weights for the block's duration.
-    """
-    import torch.nn.functional as F
-
-    def dense(module: Any, weight: "torch.Tensor") -> Any:
-        def forward(x: "torch.Tensor") -> "torch.Tensor":
-            bias = module.bias.to(weight.dtype) if module.bias is not None else None
-            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-        return forward
-
-    layers = linear_4bit_layers(model) if enabled else []
-    if layers:
-        from bitsandbytes.functional import dequantize_4bit
-    patched = []
-    try:
-        for m in layers:
-            state = m.weight.quant_state
-            if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' fused CPU layout: left to it
-                continue
-            weight = dequantize_4bit(m.weight.data, state).to(_dequantized_dtype(m))
-            m.forward = dense(m, weight)  # an instance attribute: shadows the class's forward until removed
-            patched.append(m)
-        yield len(patched)
-    finally:
-        for m in patched:
-            del m.forward
-
-
-def dequantized_4bit_mb(model: Any) -> float:
-    """MiB that `dequantized_4bit` holds for `model`: each 4-bit layer's weight in its compute dtype."""
-    return sum(m.weight.quant_state.shape.numel() * _dequantized_dtype(m).itemsize
-               for m in linear_4bit_layers(model)) / 2**20
-
-
-def available_memory_mb() -> float | None:
-    """Memory the system can still give this process (Linux's MemAvailable), None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def choose_dequantize_for_generation(setting: bool | None, device_type: str, copy_mb: float,
-                                     available_mb: float | None) -> tuple[bool, str]:
-    """Whether PPO generates on dequantized 4-bit weights (`dequantized_4bit`), and why, for the log.
-
-    An explicit setting wins. Unset: on the CPU (bitsandbytes dequantizes at every call there) when the copy
-    takes at most a quarter of the memory still available, so a large model loaded in 4-bit to fit is not
-    pushed out of memory; off on GPUs, whose 4-bit kernels do not dequantize per call."""
-    if copy_mb == 0:
-        return False, "no 4-bit layers"
-    if setting is not None:
-        return setting, f"dequantize_for_generation is {str(setting).lower()}"
-    if device_type != "cpu":
-        return False, f"unset, and on {device_type} the 4-bit kernels do not dequantize per call"
-    if available_mb is not None and copy_mb > available_mb / 4:
-        return False, (f"unset, and the copy ({copy_mb:.0f} MiB) would take more than a quarter of the "
-                       f"{available_mb:.0f} MiB available")
-    return True, "unset, on the CPU"

@@ -89,6 +89,7 @@ class Entry:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a file's bytes, read `chunk` bytes at a time; artifact manifests and data fingerprints."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -238,12 +239,6 @@ class Registry:
         (path.parent / f"{path.name}.pid").write_text(str(os.getpid()))
         return path
 
-    def work_dir(self, stage: str, key: str) -> Path:
-        """Where a run keeps its resumable checkpoints; the same config finds the same folder."""
-        path = self.root / ".work" / f"{stage}-{key}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
     def register(
         self,
         stage: str,
@@ -253,7 +248,6 @@ class Registry:
         config: dict[str, Any],
         metrics: dict[str, Any],
         data_fingerprints: dict[str, str] | None = None,
-        _crash_before_insert: bool = False,
     ) -> Entry:
         """Move `staged` into `<stage>/<id>/` and insert its row, atomically (see module docstring)."""
         if stage not in STAGES:
@@ -286,8 +280,6 @@ class Registry:
                 raise RegistryError(f"staged artifacts changed while registering: {'; '.join(problems)}")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, final)
-            if _crash_before_insert:  # test hook: simulates a crash between rename and insert
-                os._exit(17)
             try:
                 conn.execute("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
             except BaseException:

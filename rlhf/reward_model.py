@@ -52,19 +52,6 @@ def conversation_ids(tokenizer: Any, messages: list[dict], max_length: int | Non
     return ids
 
 
-def right_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(input_ids, attention_mask), both (B, T) with T = `width` or the longest row, padded on the right."""
-    import torch
-
-    width = max(max(len(r) for r in rows), width or 0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 def score_ids(model: Any, rows: list[list[int]], pad_id: int, *, head: dict[str, "torch.Tensor"] | None = None,
               batch_size: int = 32, extra_padding: int = 0) -> "torch.Tensor":
     """Scores (N,) float32 of token-id rows, right-padded and batched by length (less padding).
@@ -77,6 +64,8 @@ def score_ids(model: Any, rows: list[list[int]], pad_id: int, *, head: dict[str,
     `extra_padding` adds pad columns to every batch: for the padding-invariance test.
     """
     import torch
+
+    from rlhf.sequences import right_pad
 
     if head is None and getattr(model.config, "pad_token_id", None) != pad_id:
         raise ValueError(f"model.config.pad_token_id is {model.config.pad_token_id}, "
@@ -133,8 +122,9 @@ def last_token_scores(hidden_states: "torch.Tensor", attention_mask: "torch.Tens
     """
     import torch
 
-    T = attention_mask.shape[1]
-    last = (torch.arange(T, device=attention_mask.device) * attention_mask.to(torch.long)).argmax(-1)  # (B,)
+    from rlhf.sequences import last_token_index
+
+    last = last_token_index(attention_mask)  # (B,)
     h = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]  # (B, H)
     out = h.float() @ weight.float().to(h.device).T  # (B, 1)
     if bias is not None:
@@ -170,6 +160,11 @@ def save_score_head(tensors: dict[str, "torch.Tensor"], folder: str | Path) -> P
     path = Path(folder) / SCORE_HEAD_FILE
     save_file(tensors, str(path), metadata={"format": "pt", "applies_to": "final hidden state at the last real token"})
     return path
+
+
+def adapter_dir(folder: str | Path) -> Path:
+    """The LoRA adapter's folder inside a reward entry of kind "adapter"."""
+    return Path(folder) / ADAPTER_DIR
 
 
 def load_score_head(folder: str | Path) -> dict[str, "torch.Tensor"]:

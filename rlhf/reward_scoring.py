@@ -63,7 +63,7 @@ def load_reward_scorer(entry: Entry, registry: Registry, *, max_length: int | No
     Conversations keep their last `max_length` tokens (capped at the model's positions).
     """
     from rlhf.models import context_length, device, fit_embeddings, load_model, load_tokenizer, resolve_model
-    from rlhf.reward_model import ADAPTER_DIR, load_score_head
+    from rlhf.reward_model import adapter_dir, load_score_head
 
     if entry.stage != "reward":
         raise RegistryError(f"{entry.ref}: is a '{entry.stage}' entry, not a 'reward' entry")
@@ -79,7 +79,7 @@ def load_reward_scorer(entry: Entry, registry: Registry, *, max_length: int | No
         tokenizer = load_tokenizer(str(entry.path) if has_tokenizer else base.path, trust_remote_code)
         model = load_model(base.path, trust_remote_code=trust_remote_code)
         fit_embeddings(model, tokenizer)
-        model = PeftModel.from_pretrained(model, str(entry.path / ADAPTER_DIR)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(adapter_dir(entry.path))).merge_and_unload()
         head = load_score_head(entry.path)
     elif kind == "model":
         tokenizer = load_tokenizer(str(entry.path), trust_remote_code)

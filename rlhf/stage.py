@@ -85,6 +85,35 @@ def begin(stage: str, cfg: Any, inputs: dict[str, str]) -> StageRun:
     return run
 
 
+def trainer_kwargs(cfg: Any, run: StageRun) -> dict[str, Any]:
+    """The keyword arguments that stages 00, 01 and 02 give their transformers/TRL Trainer config alike: batch
+    sizes, a cosine schedule, logging and checkpoints in the run's work folder (TensorBoard events included),
+    seeds, and the device's precision (`rlhf.models.trainer_precision_args`). `cfg` has the fields of
+    `rlhf.config.TrainerStageConfig` that these name; each stage adds its own."""
+    from rlhf.models import trainer_precision_args
+
+    return dict(
+        output_dir=str(run.work_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0,
+        **trainer_precision_args(),
+    )
+
+
+def trainer_metrics(train_out: Any, eval_loss: float, prefix: str = "") -> dict[str, float]:
+    """What a Trainer stage reports of its training: final train loss, held-out loss and perplexity, steps
+    (`prefix` names another evaluation's keys, e.g. "base_" for the starting model's held-out loss)."""
+    from rlhf.eval.metrics import perplexity
+
+    out = {f"{prefix}eval_loss": eval_loss, f"{prefix}eval_perplexity": perplexity(eval_loss, 1)}
+    if train_out is not None:
+        out.update(train_loss=train_out.training_loss, steps=train_out.global_step)
+    return out
+
+
 def finish(
     run: StageRun,
     staged: Path,

@@ -15,7 +15,6 @@ Afterwards, run offline with `HF_HUB_OFFLINE=1` so the libraries read their cach
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,9 +22,9 @@ from typing import Any, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.errors import ConfigError, fail, run_cli  # noqa: E402
+from rlhf.hub import is_hub_id  # noqa: E402
 from rlhf.safety import DETOXIFY_MODELS  # noqa: E402
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".ckpt", ".pt", ".safetensors")
 # config and tokenizer files only; the checkpoint brings the weights
 TOKENIZER_FILES = ["*.json", "*.txt", "*.model"]
@@ -65,7 +64,7 @@ def assets_in_config(path: Path) -> list[tuple[str, str]]:
             continue
         if value.startswith(("detoxify:", "auto:")) and value.split(":", 1)[1] in DETOXIFY_MODELS:
             found.append(("detoxify", value.split(":", 1)[1]))
-        elif HUB_ID.match(value) and not value.endswith(LOCAL_SUFFIXES) and not Path(value).exists():
+        elif is_hub_id(value) and not value.endswith(LOCAL_SUFFIXES) and not Path(value).exists():
             found.append((kind, value))
     return found
 

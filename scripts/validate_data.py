@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from rlhf.data import ADAPTERS, SCHEMAS, check_file  # noqa: E402
+from rlhf.data import check_file  # noqa: E402
+from rlhf.data_formats import ADAPTERS, SCHEMAS  # noqa: E402
 
 
 def positive_int(text: str) -> int:

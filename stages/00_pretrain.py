@@ -13,7 +13,6 @@ The result (safetensors + tokenizer) is registered as stage `pretrain`.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +99,7 @@ def main(cfg: PretrainConfig) -> None:
     from rlhf.data import fingerprint, load_records
     from rlhf.models import fit_embeddings, load_model, load_tokenizer, resolve_model
     from rlhf.registry import Registry
-    from rlhf.stage import begin, finish, log
+    from rlhf.stage import begin, finish, log, trainer_kwargs, trainer_metrics
 
     # 1. Inputs: validated text records and (optionally) the model to continue from.
     records = load_records(cfg.data, "text", split=cfg.data_split)
@@ -141,15 +140,7 @@ def main(cfg: PretrainConfig) -> None:
     eval_ds = Dataset.from_dict({"input_ids": [blocks[i] for i in order[:n_eval]]})
 
     # 4. Train (resumable from the work folder's checkpoints).
-    args = TrainingArguments(
-        output_dir=str(run.work_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps, save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed,
-        data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-    )
+    args = TrainingArguments(**trainer_kwargs(cfg, run), weight_decay=cfg.weight_decay)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator)
     train_out = trainer.train(resume_from_checkpoint=run.last_checkpoint() if cfg.resume else None)
@@ -161,14 +152,8 @@ def main(cfg: PretrainConfig) -> None:
     staged = run.registry.staging_dir("pretrain")
     trainer.model.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
-    metrics = {
-        "train_loss": train_out.training_loss,
-        "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(min(eval_loss, 50.0)),
-        "n_params": n_params,
-        "train_tokens": len(train_ds) * cfg.block_size,
-        "steps": train_out.global_step,
-    }
+    metrics = {**trainer_metrics(train_out, eval_loss), "n_params": n_params,
+               "train_tokens": len(train_ds) * cfg.block_size}
     finish(run, staged, cfg, parents=base.parents if base else [], metrics=metrics,
            data_fingerprints={"data": inputs["data"]}, extra_config={"base_model": cfg.model})
 

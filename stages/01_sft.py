@@ -16,7 +16,6 @@ and BLEU / ROUGE-L of greedy replies against the held-out last assistant turns.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ def lora_config(cfg: SFTStageConfig, task_type: str = "CAUSAL_LM"):
 def generation_metrics(model, tokenizer, dialogues: list[dict], cfg: SFTStageConfig) -> dict[str, float]:
     """BLEU and ROUGE-L of greedy replies to held-out dialogues against their last assistant turn."""
     from rlhf.generation import generate_replies
-    from rlhf.text_metrics import bleu, rouge_l
+    from rlhf.eval.text import bleu, rouge_l
 
     sample = dialogues[: cfg.gen_eval_samples]
     prompts = [d["messages"][:-1] for d in sample]
@@ -77,9 +76,10 @@ def merge_lora(base_path: str, adapter_dir: Path, tokenizer, trust_remote_code: 
 def main(cfg: SFTStageConfig) -> None:
     from rlhf.data import fingerprint, load_records
     from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
-                             set_cpu_4bit_packing, trainable_to_compute_dtype, trainer_precision_args)
+                             trainable_to_compute_dtype)
+    from rlhf.quant import set_cpu_4bit_packing
     from rlhf.registry import Registry
-    from rlhf.stage import begin, finish, log
+    from rlhf.stage import begin, finish, log, trainer_kwargs, trainer_metrics
 
     # 1. Inputs: the starting model and validated dialogues.
     base = resolve_model(cfg.model, Registry(cfg.registry), stages=("pretrain", "sft"))
@@ -104,17 +104,8 @@ def main(cfg: SFTStageConfig) -> None:
     keep = ["messages"]
     train_ds = Dataset.from_list([{k: r[k] for k in keep} for r in train_records])
     eval_ds = Dataset.from_list([{k: r[k] for k in keep} for r in eval_records])
-    args = SFTConfig(
-        output_dir=str(run.work_dir), assistant_only_loss=True, max_length=cfg.max_length,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
-        dataloader_num_workers=0, **trainer_precision_args(),
-    )
+    args = SFTConfig(**trainer_kwargs(cfg, run), assistant_only_loss=True, max_length=cfg.max_length,
+                     gradient_checkpointing=cfg.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
     trainable_to_compute_dtype(trainer.model)  # QLoRA: TRL casts the adapter to bf16; the CPU computes in fp32
@@ -137,14 +128,7 @@ def main(cfg: SFTStageConfig) -> None:
     final_model.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
 
-    metrics = {
-        "train_loss": train_out.training_loss,
-        "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(min(eval_loss, 50.0)),
-        "base_eval_loss": base_eval_loss,
-        "base_eval_perplexity": math.exp(min(base_eval_loss, 50.0)),
-        "steps": train_out.global_step,
-    }
+    metrics = {**trainer_metrics(train_out, eval_loss), **trainer_metrics(None, base_eval_loss, prefix="base_")}
     if cfg.gen_eval_samples > 0:
         metrics.update(generation_metrics(final_model, tokenizer, eval_records, cfg))
 

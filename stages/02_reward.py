@@ -74,7 +74,8 @@ def lora_config(cfg: RewardStageConfig):
 
 def load_pairs(source: str, split: str, adapter: str | None, limit: int = -1) -> list[dict]:
     """Validated pairs in the explicit form {prompt, chosen, rejected} (implicit-prompt records are split)."""
-    from rlhf.data import load_records, split_implicit_prompt
+    from rlhf.data import load_records
+    from rlhf.data_formats import split_implicit_prompt
 
     records = load_records(source, "preference", split=split, adapter=adapter)
     pairs = [split_implicit_prompt(r) for r in records]
@@ -121,7 +122,7 @@ def main(cfg: RewardStageConfig) -> None:
     from rlhf.data import fingerprint
     from rlhf.models import resolve_model
     from rlhf.registry import Registry
-    from rlhf.stage import begin, finish, log
+    from rlhf.stage import begin, finish, log, trainer_kwargs
 
     # 1. Inputs: the starting model (a pretrain or sft entry, folder or hub id) and validated pairs.
     base = resolve_model(cfg.model, Registry(cfg.registry), stages=("pretrain", "sft"))
@@ -137,8 +138,8 @@ def main(cfg: RewardStageConfig) -> None:
     from trl import RewardConfig, RewardTrainer
 
     from rlhf.models import (compute_dtype, context_length, fit_embeddings, load_model, load_tokenizer,
-                             trainable_to_compute_dtype, trainer_precision_args)
-    from rlhf.reward_model import ADAPTER_DIR, extract_score_head, pairwise_metrics, save_score_head, score_ids
+                             trainable_to_compute_dtype)
+    from rlhf.reward_model import adapter_dir, extract_score_head, pairwise_metrics, save_score_head, score_ids
 
     # 2. Model: a scalar score head on the starting model; 4-bit NF4 base for QLoRA.
     load_in_4bit = cfg.mode == "qlora"
@@ -153,16 +154,8 @@ def main(cfg: RewardStageConfig) -> None:
     # 3. Train: TRL's RewardTrainer as it ships, on pairs tokenized to end at the response's EOS
     #    (where PPO reads the reward; see conversation_ids). It drops pairs longer than max_length.
     train_ds = Dataset.from_dict(tokenize_pairs(tokenizer, train_pairs))
-    args = RewardConfig(
-        output_dir=str(run.work_dir), max_length=cfg.max_length,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
-        dataloader_num_workers=0, **trainer_precision_args(),
-    )
+    args = RewardConfig(**trainer_kwargs(cfg, run), max_length=cfg.max_length,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                             peft_config=peft_config)
     trainable_to_compute_dtype(trainer.model)
@@ -205,7 +198,7 @@ def main(cfg: RewardStageConfig) -> None:
     else:
         head = extract_score_head(rm)
         save_score_head(head, staged)
-        reward_lm = save_reward_adapter(rm, base.path, tokenizer, staged / ADAPTER_DIR, load_in_4bit,
+        reward_lm = save_reward_adapter(rm, base.path, tokenizer, adapter_dir(staged), load_in_4bit,
                                         cfg.trust_remote_code)
         again = score_ids(reward_lm, eval_rows[:N_CHECK], tokenizer.pad_token_id, head=head)
         gap = (again - scores[:N_CHECK]).abs().max().item()

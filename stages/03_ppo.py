@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 stages/03_ppo.py --config ...
 
 The SFT model is loaded once (NF4) and carries the policy, value and reward
-adapters; the reference is the base with adapters disabled (rlhf/actor_critic.py).
+adapters; the reference is the base with adapters disabled (rlhf/ppo/actor_critic.py).
 Each step: sample responses for a batch of prompts, score them, turn scores and
 per-token KL into rewards, estimate advantages with GAE, then run
 `num_ppo_epochs` passes of clipped policy and value updates over
@@ -40,11 +40,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
-from rlhf.errors import ConfigError, UserError, run_cli  # noqa: E402
+from rlhf.errors import ConfigError, run_cli  # noqa: E402
 
 
 @dataclass
@@ -75,9 +76,9 @@ class PPOStageConfig(StageConfig):
     fuse_roles: bool = _help("Run the roles that read the same rows in one forward, each row copy through its own "
                              "adapter: reference+value+reward in the rollout, policy+value in the update. Same "
                              "results up to float rounding, checked on a probe batch at start (if they differ, one "
-                             "forward per role, said in the log). Pays with small chunks (micro-batches of 2, "
-                             "rollout chunks of 4: -19% time per episode on a GPT-2-small CPU step); with large ones "
-                             "the extra copies cost more than it saves (micro-batches of 16 on the demo model: +40%).",
+                             "forward per role, said in the log). Pays with small chunks (micro-batches and rollout chunks "
+                             "of a few rows); with large ones the extra copies cost more than it saves "
+                             "(docs/BENCHMARKS.md).",
                              default=False)
     max_prompt_length: int = _help("Prompts keep their last N tokens.", default=128)
     response_length: int = _help("Maximum new tokens per response.", default=32)
@@ -109,13 +110,13 @@ class PPOStageConfig(StageConfig):
     save_steps: int = _help("Checkpoint every N PPO steps (for --resume).", default=10)
     dequantize_for_generation: bool | None = _help(
         "Generation computes the 4-bit base's layers with weights dequantized once per rollout instead of at every "
-        "token: the same tokens, for a full-precision copy of the base's linear weights during generation (GPT-2 "
-        "small: 324 MiB). Unset (null): on the CPU, where bitsandbytes dequantizes at every call (-16% generation "
-        "time on GPT-2 small), if the copy takes at most a quarter of the memory available; off on GPUs, where "
-        "its 4-bit kernels do not. The log says which and why.", default=None)
+        "token: the same tokens, for a full-precision copy of the base's linear weights while generating. Unset "
+        "(null): on the CPU, where bitsandbytes dequantizes at every call, if the copy takes at most a quarter of "
+        "the memory available; off on GPUs, where its 4-bit kernels do not. The log says which and why.",
+        default=None)
     cpu_mmap_threshold_mb: float = _help("glibc: CPU tensors of at least this many MiB go back to the system when freed "
-                                         "during loading and the update (peak RSS on GPT-2 small 4.4 -> 2.6 GiB); 0: glibc's default "
-                                         "(rlhf/allocator.py).", default=4.0)
+                                         "during loading and the update (lower peak memory); 0: glibc's default "
+                                         "(rlhf.quant.FreedMemory).", default=4.0)
     trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
 
     def validate(self) -> None:
@@ -152,33 +153,47 @@ def derive_sizes(cfg: PPOStageConfig, world_size: int) -> Sizes:
     return Sizes(world_size, local_mini, local_batch, batch, math.ceil(cfg.total_episodes / batch))
 
 
-def main(cfg: PPOStageConfig) -> None:
-    import numpy as np
-    import torch
-    from accelerate import Accelerator
-    from tqdm import tqdm
+def update_settings(cfg: PPOStageConfig, sizes: Sizes) -> Any:
+    from rlhf.ppo.update import UpdateSettings
 
-    from rlhf.actor_critic import adapter_rank, build_actor_critic
-    from rlhf.allocator import FreedMemory
+    return UpdateSettings(
+        num_ppo_epochs=cfg.num_ppo_epochs, local_batch_size=sizes.local_batch_size,
+        local_mini_batch_size=sizes.local_mini_batch_size, micro_batch_size=cfg.per_device_train_batch_size,
+        world_size=sizes.world_size, temperature=cfg.temperature, cliprange=cfg.cliprange,
+        cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm,
+        group_by_length=cfg.group_by_length)
+
+
+@dataclass
+class Inputs:
+    """What the run reads: the SFT base, the reward entry (and whether it is an adapter on that base), the prompts
+    and the toxicity scorer."""
+
+    sft: Any  # rlhf.models.ResolvedModel
+    rm_entry: Any  # rlhf.registry.Entry
+    shares_base: bool
+    prompts: list[dict]
+    scorer: Any  # rlhf.safety.ToxicityScorer, chosen once: it never switches during the run
+    data_fingerprints: dict[str, str]
+
+    @property
+    def reward_mean(self) -> float:  # the reward entry's statistics on its data: PPO's score is (RM − mean) / std
+        return float(self.rm_entry.metrics.get("reward_mean", 0.0))
+
+    @property
+    def reward_std(self) -> float:
+        return float(self.rm_entry.metrics.get("reward_std", 1.0)) or 1.0
+
+
+def check_inputs(cfg: PPOStageConfig, registry: Any) -> Inputs:
+    """Resolve the SFT base and the reward entry, read the prompts, load the toxicity scorer; refuse settings the
+    models cannot satisfy before anything loads."""
     from rlhf.data import fingerprint, load_records
-    from rlhf.generation import encode_prompts
-    from rlhf.models import (available_memory_mb, choose_dequantize_for_generation, dequantized_4bit_mb,
-                             load_tokenizer, memory_footprint_mb, model_positions, resolve_model)
-    from rlhf.ppo import global_whiten, load_checkpoint, ppo_update, rollout, save_checkpoint
-    from rlhf.ppo_math import (AdaptiveKLController, FixedKLController, LagrangeController, compute_gae,
-                               kl_k3, kl_penalty, masked_whiten, per_token_rewards,
-                               explained_variance)
-    from rlhf.registry import Registry
+    from rlhf.models import model_positions, resolve_model
+    from rlhf.ppo.actor_critic import adapter_rank
+    from rlhf.reward_model import adapter_dir
     from rlhf.safety import load_scorer
-    from rlhf.stage import begin, finish, log
 
-    freed_memory = FreedMemory(cfg.cpu_mmap_threshold_mb)  # before loading: the load's fp32 copies go back too
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    dev, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    sizes = derive_sizes(cfg, world)
-
-    # 1. Inputs: SFT base, reward entry, prompts, toxicity scorer.
-    registry = Registry(cfg.registry)
     sft = resolve_model(cfg.sft_model, registry, stages=("sft", "pretrain"))
     rm_entry = registry.get(cfg.reward_model, stage="reward")
     positions = model_positions(sft.path, cfg.trust_remote_code)
@@ -188,35 +203,35 @@ def main(cfg: PPOStageConfig) -> None:
                           f"{positions} positions; lower one of them")
     shares_base = (rm_entry.config.get("reward_kind") == "adapter"
                    and rm_entry.config.get("base_model") in {sft.ref, sft.entry.ref if sft.entry else None})
-    if shares_base and cfg.value_lora_r is not None and cfg.value_lora_r < adapter_rank(rm_entry.path / "adapter"):
-        raise ConfigError(f"value_lora_r ({cfg.value_lora_r}) is below the rank of {rm_entry.ref}'s adapter "
-                          f"({adapter_rank(rm_entry.path / 'adapter')}): the value adapter starts as a copy of it; "
-                          f"use at least that rank, or leave value_lora_r unset")
-    prompts = load_records(cfg.data, "prompt", split=cfg.data_split)
-    scorer = load_scorer(cfg.toxicity)  # chosen once; never switches during the run
-    data_fps = {"data": fingerprint(cfg.data, cfg.data_split)}
-    parents = [*sft.parents, rm_entry.ref]
-    run = begin("ppo", cfg, {**data_fps, "sft": sft.entry.ref if sft.entry else cfg.sft_model,
-                             "reward": rm_entry.ref, "toxicity": scorer.spec})
-    if run.reused:
-        return
-    reward_mean = float(rm_entry.metrics.get("reward_mean", 0.0))
-    reward_std = float(rm_entry.metrics.get("reward_std", 1.0)) or 1.0
+    if shares_base and cfg.value_lora_r is not None:
+        rank = adapter_rank(adapter_dir(rm_entry.path))
+        if cfg.value_lora_r < rank:
+            raise ConfigError(f"value_lora_r ({cfg.value_lora_r}) is below the rank of {rm_entry.ref}'s adapter "
+                              f"({rank}): the value adapter starts as a copy of it; use at least that rank, or "
+                              f"leave value_lora_r unset")
+    return Inputs(sft, rm_entry, shares_base, prompts=load_records(cfg.data, "prompt", split=cfg.data_split),
+                  scorer=load_scorer(cfg.toxicity), data_fingerprints={"data": fingerprint(cfg.data, cfg.data_split)})
 
-    # 2. Models: one base, four roles.
-    tokenizer = load_tokenizer(sft.path, cfg.trust_remote_code)
+
+def build_models(cfg: PPOStageConfig, inputs: Inputs, registry: Any, dev: Any) -> tuple[Any, Any, Any]:
+    """(tokenizer, actor-critic, separate reward scorer or None): one base for the four roles, logged."""
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo.actor_critic import build_actor_critic
+    from rlhf.quant import available_memory_mb, choose_dequantize_for_generation, dequantized_4bit_mb
+    from rlhf.stage import log
+
+    tokenizer = load_tokenizer(inputs.sft.path, cfg.trust_remote_code)
     separate = None
-    if not shares_base:
+    if not inputs.shares_base:
         from rlhf.reward_scoring import load_reward_scorer
 
-        separate = load_reward_scorer(rm_entry, registry, max_length=cfg.max_prompt_length + cfg.response_length,
+        separate = load_reward_scorer(inputs.rm_entry, registry, max_length=cfg.max_prompt_length + cfg.response_length,
                                       batch_size=cfg.local_rollout_forward_batch_size,
                                       trust_remote_code=cfg.trust_remote_code)
-        log(f"[ppo] reward model {rm_entry.ref} is not an adapter on {sft.ref}: loaded separately")
+        log(f"[ppo] reward model {inputs.rm_entry.ref} is not an adapter on {inputs.sft.ref}: loaded separately")
     ac = build_actor_critic(
-        sft.path, tokenizer, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-        lora_target_modules=cfg.lora_target_modules, reward_adapter=rm_entry.path / "adapter" if shares_base else None,
-        reward_head=rm_entry.path / "score_head.safetensors" if shares_base else None,
+        inputs.sft.path, tokenizer, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_target_modules=cfg.lora_target_modules, reward_dir=inputs.rm_entry.path if inputs.shares_base else None,
         separate_reward=separate, device=dev, value_lora_r=cfg.value_lora_r, trust_remote_code=cfg.trust_remote_code,
         fuse_roles=cfg.fuse_roles)
     copy_mb = dequantized_4bit_mb(ac.model)
@@ -230,167 +245,217 @@ def main(cfg: PPOStageConfig) -> None:
         log(f"[ppo] roles fused: {rollout_roles} in the rollout, policy+value in the update")
     else:
         log(f"[ppo] one forward per role ({ac.unfused_reason})")
-    footprint = memory_footprint_mb(ac)
-    log(f"[ppo] one base ({'4-bit NF4' if cfg.load_in_4bit else 'full precision'}) for policy/ref/value/reward: "
-        f"model memory {footprint:.1f} MiB; toxicity scorer {scorer.spec}; world size {world}; "
-        f"{sizes.num_total_batches} steps of {sizes.batch_size} episodes")
+    return tokenizer, ac, separate
+
+
+def build_optimizer(cfg: PPOStageConfig, ac: Any, sizes: Sizes) -> tuple[Any, Any, list]:
+    """(optimizer, scheduler, trainable params): AdamW with the critic's own learning rate, linear decay to 0."""
+    import torch
 
     named = ac.trainable_named_parameters()
-    params = [p for _, p in named]
     critic = [p for n, p in named if ".policy." not in n]  # value adapter and value head
     optimizer = torch.optim.AdamW([
         {"params": [p for n, p in named if ".policy." in n], "lr": cfg.learning_rate},
         {"params": critic, "lr": cfg.vf_learning_rate if cfg.vf_learning_rate is not None else cfg.learning_rate},
     ], eps=1e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / sizes.num_total_batches))
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.kl_coef))
-    tox_ctl = (LagrangeController(cfg.toxicity_coef, cfg.toxicity_budget, cfg.toxicity_lr, cfg.toxicity_coef_max)
-               if cfg.toxicity_budget is not None else FixedKLController(cfg.toxicity_coef))
-    controllers = {"kl": kl_ctl, "toxicity": tox_ctl}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / sizes.num_total_batches))
+    return optimizer, scheduler, [p for _, p in named]
 
-    # 3. Resume: trainable tensors, optimizer, scheduler, controllers, RNG and step.
+
+def build_controllers(cfg: PPOStageConfig) -> dict[str, Any]:
+    """The KL coefficient β (fixed or adaptive) and the toxicity coefficient (fixed or a Lagrange multiplier)."""
+    from rlhf.ppo.controllers import AdaptiveKLController, FixedKLController, LagrangeController
+
+    kl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+          else FixedKLController(cfg.kl_coef))
+    toxicity = (LagrangeController(cfg.toxicity_coef, cfg.toxicity_budget, cfg.toxicity_lr, cfg.toxicity_coef_max)
+                if cfg.toxicity_budget is not None else FixedKLController(cfg.toxicity_coef))
+    return {"kl": kl, "toxicity": toxicity}
+
+
+def on_interrupt() -> dict[str, int | None]:
+    """Ctrl-C (SIGINT) during the loop: the step in progress ends, every process saves a checkpoint and exits 130
+    (the returned dict's "signal" is set). A second Ctrl-C stops at once, as Python does by default."""
+    stop: dict[str, int | None] = {"signal": None}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def tensorboard_writer(work_dir: Path) -> Any:
+    """TensorBoard events go with the entry (`finish` copies them): tensorboard --logdir runs."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(work_dir / "tensorboard"))
+
+
+def log_step(metrics: dict, texts: list[str], rewards: Any, step: int, cfg: PPOStageConfig, writer: Any, bar: Any,
+             metrics_path: Path) -> None:
+    """Process 0: the metrics line, TensorBoard scalars, the progress bar, and every `sample_steps` a few samples."""
+    from rlhf.stage import log
+
+    with metrics_path.open("a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, step)
+    bar.set_postfix({"score": f"{metrics['objective/score']:.2f}", "tox": f"{metrics['objective/toxicity']:.2f}",
+                     "kl": f"{metrics['objective/kl']:.2f}"})
+    if step % cfg.sample_steps == 0:
+        samples = list(zip(texts, rewards.score.tolist(), rewards.toxicity.tolist()))[:3]
+        for t, s, x in samples:
+            log(f"[ppo] sample (score {s:+.2f}, toxicity {x:.2f}): {t[:120]!r}")
+        writer.add_text("samples", "\n\n".join(f"score {s:+.2f}, toxicity {x:.2f}: {t}" for t, s, x in samples), step)
+
+
+def entry_config(cfg: PPOStageConfig, inputs: Inputs, ac: Any, sizes: Sizes) -> dict[str, Any]:
+    """What the entry records beyond the config: resolved inputs, the scorer, how the base was loaded."""
+    return {"sft_model": inputs.sft.entry.ref if inputs.sft.entry else cfg.sft_model,
+            "reward_model": inputs.rm_entry.ref, "toxicity_scorer": inputs.scorer.describe(),
+            "reward_shares_base": inputs.shares_base,
+            "base_loading": {"load_in_4bit": cfg.load_in_4bit, "quant_type": "nf4" if cfg.load_in_4bit else None,
+                             "compute_dtype": str(ac.model.dtype) if hasattr(ac.model, "dtype") else None},
+            "world_size": sizes.world_size, "batch_size": sizes.batch_size}
+
+
+def save_policy(run: Any, ac: Any, tokenizer: Any, metrics_path: Path) -> Path:
+    """Stage the entry's files: policy and value adapters, value head, per-step metrics, tokenizer."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    staged = run.registry.staging_dir("ppo")
+    ac.model.save_pretrained(str(staged), selected_adapters=["policy", "value"])
+    save_file({k: v.detach().cpu().contiguous() for k, v in ac.value_head.state_dict().items()},
+              str(staged / "value_head.safetensors"))
+    shutil.copy(metrics_path, staged / "metrics.jsonl")
+    tokenizer.save_pretrained(staged)
+    return staged
+
+
+def main(cfg: PPOStageConfig) -> None:
+    import torch
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from rlhf.generation import encode_prompts
+    from rlhf.models import memory_footprint_mb
+    from rlhf.ppo.checkpoint import load_checkpoint, resume_metrics_log, save_checkpoint
+    from rlhf.ppo.controllers import LagrangeController
+    from rlhf.ppo.distributed import any_process, mean_over_processes
+    from rlhf.ppo.metrics import check_finite, run_summary, step_metrics
+    from rlhf.ppo.rewards import gae_targets, sequence_rewards
+    from rlhf.ppo.rollout import prompt_indices, rollout
+    from rlhf.ppo.update import ppo_update
+    from rlhf.quant import FreedMemory
+    from rlhf.registry import Registry
+    from rlhf.stage import begin, finish, log
+
+    freed_memory = FreedMemory(cfg.cpu_mmap_threshold_mb)  # before loading: the load's fp32 copies go back too
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    dev, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    sizes = derive_sizes(cfg, world)
+
+    # 1. Inputs: SFT base, reward entry, prompts, toxicity scorer.
+    registry = Registry(cfg.registry)
+    inputs = check_inputs(cfg, registry)
+    sft, rm_entry, scorer = inputs.sft, inputs.rm_entry, inputs.scorer
+    run = begin("ppo", cfg, {**inputs.data_fingerprints, "sft": sft.entry.ref if sft.entry else cfg.sft_model,
+                             "reward": rm_entry.ref, "toxicity": scorer.spec})
+    if run.reused:
+        return
+
+    # 2. Models (one base, four roles), optimizer, KL and toxicity coefficients.
+    tokenizer, ac, separate = build_models(cfg, inputs, registry, dev)
+    footprint = memory_footprint_mb(ac)
+    log(f"[ppo] one base ({'4-bit NF4' if cfg.load_in_4bit else 'full precision'}) for policy/ref/value/reward: "
+        f"model memory {footprint:.1f} MiB; toxicity scorer {scorer.spec}; world size {world}; "
+        f"{sizes.num_total_batches} steps of {sizes.batch_size} episodes")
+    optimizer, scheduler, params = build_optimizer(cfg, ac, sizes)
+    controllers = build_controllers(cfg)
+    kl_ctl, tox_ctl = controllers["kl"], controllers["toxicity"]
+    settings = update_settings(cfg, sizes)
+
+    # 3. Resume: trainable tensors, optimizer, scheduler, controllers, RNG, step and the metrics log.
     metrics_path = run.work_dir / "metrics.jsonl"
-    history: list[dict] = []  # one metrics dict per step of the whole run, resumed steps included
-    start_step = 0
     ckpt = run.last_checkpoint() if cfg.resume else None
+    start_step = 0
     if ckpt is not None:
-        start_step = load_checkpoint(Path(ckpt), ac, optimizer, scheduler, controllers)["step"]
+        start_step = load_checkpoint(Path(ckpt), ac, optimizer, scheduler, controllers, rank=rank,
+                                     world_size=world)["step"]
         log(f"[ppo] resumed at step {start_step}")
-        if metrics_path.exists():  # keep exactly the lines of the steps the checkpoint holds
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines()[:start_step]]
-            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    history = resume_metrics_log(metrics_path, start_step, rank)  # per-step metrics, resumed steps included
+    encoded = encode_prompts(tokenizer, [p["messages"] for p in inputs.prompts], cfg.max_prompt_length)
+    stop = on_interrupt()
 
-    encoded = encode_prompts(tokenizer, [p["messages"] for p in prompts], cfg.max_prompt_length)
-    stop = {"signal": None}
-    signal.signal(signal.SIGINT, lambda signum, frame: stop.update(signal=signum))
-
-    # 4. The loop: rollout -> rewards -> advantages -> update -> log.
-    writer = None
-    if rank == 0:  # TensorBoard events go with the entry (`finish` copies them): tensorboard --logdir runs
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run.work_dir / "tensorboard"))
+    # 4. The loop: rollout -> rewards -> advantages -> update -> log -> checkpoint.
+    writer = tensorboard_writer(run.work_dir) if rank == 0 else None
     bar = tqdm(range(start_step, sizes.num_total_batches), initial=start_step, total=sizes.num_total_batches,
                desc="ppo", disable=rank != 0)
-    step = start_step
     for step in bar:
         t0 = time.time()
-        # Prompt order: a permutation per pass over the data, from (seed, pass) alone, so resume needs only `step`.
-        first = step * sizes.batch_size + rank * sizes.local_batch_size
-        idx = []
-        for j in range(first, first + sizes.local_batch_size):
-            epoch, k = divmod(j, len(encoded))
-            perm = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            idx.append(int(perm[k]))
+        idx = prompt_indices(step, rank, batch_size=sizes.batch_size, local_batch_size=sizes.local_batch_size,
+                             n_prompts=len(encoded), seed=cfg.seed)
         freed_memory.rollout()
-        batch = rollout(ac, tokenizer, [encoded[i] for i in idx], cfg, dev)
-        mask = batch["mask"]
-        texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+        batch = rollout(ac, [encoded[i] for i in idx], pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, temperature=cfg.temperature,
+                        response_length=cfg.response_length, forward_batch_size=cfg.local_rollout_forward_batch_size,
+                        group_by_length=cfg.group_by_length, device=dev)
+        texts = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
         if separate is not None:
-            raw = separate.raw([prompts[i]["messages"] for i in idx], texts)
-            batch["rm_scores"] = torch.tensor(raw, dtype=torch.float32, device=dev)
-        score = (batch["rm_scores"] - reward_mean) / reward_std  # (B,)
-        toxicity = torch.tensor(scorer.score(texts), dtype=torch.float32, device=dev)  # (B,)
-        total = score - tox_ctl.value * toxicity
-        total = total - cfg.missing_eos_penalty * (~batch["has_eos"]).float()
-        kl = kl_penalty(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator)  # (B, R)
-        rewards = per_token_rewards(total, kl, kl_ctl.value, mask)  # (B, R)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-        advantages = global_whiten(advantages, mask, world)
+            raw = separate.raw([inputs.prompts[i]["messages"] for i in idx], texts)
+            batch.rm_scores = torch.tensor(raw, dtype=torch.float32, device=dev)
+        rewards = sequence_rewards(batch.rm_scores, torch.tensor(scorer.score(texts), dtype=torch.float32, device=dev),
+                                   batch.has_eos, reward_mean=inputs.reward_mean, reward_std=inputs.reward_std,
+                                   toxicity_coef=tox_ctl.value, missing_eos_penalty=cfg.missing_eos_penalty)
+        targets = gae_targets(rewards.total, batch.logprobs, batch.ref_logprobs, batch.values, batch.mask,
+                              kl_coef=kl_ctl.value, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+                              whiten_rewards=cfg.whiten_rewards, world_size=world)
         t_rollout = time.time() - t0
 
         t1 = time.time()
         freed_memory.update()
-        upd = ppo_update(ac, optimizer, scheduler, params, batch, advantages, returns, cfg, sizes,
+        upd = ppo_update(ac, optimizer, scheduler, params, batch, targets.advantages, targets.returns, settings,
                          step_seed=cfg.seed * 100003 + step)
-        t_update = time.time() - t1
-
-        kl_seq = (kl * mask).sum(1).mean().item()
-        metrics = {
-            "step": step + 1, "episodes": (step + 1) * sizes.batch_size,
-            "objective/score": score.mean().item(), "objective/toxicity": toxicity.mean().item(),
-            "objective/kl": (kl_penalty(batch["logprobs"], batch["ref_logprobs"], "k1") * mask).sum(1).mean().item(),
-            "objective/kl_k3": (kl_k3(batch["logprobs"], batch["ref_logprobs"]) * mask).sum(1).mean().item(),
-            "objective/kl_coef": kl_ctl.value, "objective/toxicity_coef": tox_ctl.value,
-            "objective/rlhf_reward": (total - kl_ctl.value * (kl * mask).sum(1)).mean().item(),
-            "policy/approxkl": upd["approxkl"], "policy/clipfrac": upd["clipfrac"], "policy/entropy": upd["entropy"],
-            "loss/policy": upd["pg_loss"], "val/vf_loss": upd["vf_loss"], "val/clipfrac": upd["vf_clipfrac"],
-            "val/explained_variance": explained_variance(batch["values"], returns, mask),
-            "response/length_mean": mask.sum(1).float().mean().item(),
-            "response/eos_rate": batch["has_eos"].float().mean().item(),
-            "timing/rollout_s": t_rollout, "timing/update_s": t_update,
-            "episodes_per_s": sizes.batch_size / (t_rollout + t_update),
-        }
-        all_finite = all(math.isfinite(v) for k, v in metrics.items() if k != "val/explained_variance")
-        if not all_finite:
-            raise UserError(f"step {step + 1}: non-finite metrics ({metrics}); stopping, last good checkpoint "
-                            f"kept in {run.work_dir}; try a lower learning_rate")
+        metrics = step_metrics(step + 1, sizes.batch_size, score=rewards.score, toxicity=rewards.toxicity,
+                               total=rewards.total, logprobs=batch.logprobs, ref_logprobs=batch.ref_logprobs,
+                               kl=targets.kl, mask=batch.mask, values=batch.values, returns=targets.returns,
+                               has_eos=batch.has_eos, kl_coef=kl_ctl.value, toxicity_coef=tox_ctl.value, update=upd,
+                               rollout_s=t_rollout, update_s=time.time() - t1)
+        metrics = mean_over_processes(metrics, world, dev)  # every process logs and adapts from the same numbers
+        check_finite(metrics, str(run.work_dir))
+        kl_seq = mean_over_processes({"kl": (targets.kl * batch.mask).sum(1).mean().item()}, world, dev)["kl"]
         kl_ctl.update(kl_seq, sizes.batch_size)
         if isinstance(tox_ctl, LagrangeController):
             tox_ctl.update(metrics["objective/toxicity"])
         history.append(metrics)
         if rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step + 1)
-            bar.set_postfix({"score": f"{metrics['objective/score']:.2f}",
-                             "tox": f"{metrics['objective/toxicity']:.2f}", "kl": f"{metrics['objective/kl']:.2f}"})
-            if (step + 1) % cfg.sample_steps == 0:
-                samples = list(zip(texts, score.tolist(), toxicity.tolist()))[:3]
-                for t, s, x in samples:
-                    log(f"[ppo] sample (score {s:+.2f}, toxicity {x:.2f}): {t[:120]!r}")
-                writer.add_text("samples", "\n\n".join(f"score {s:+.2f}, toxicity {x:.2f}: {t}" for t, s, x in samples),
-                                step + 1)
+            log_step(metrics, texts, rewards, step + 1, cfg, writer, bar, metrics_path)
         if metrics["objective/kl"] > cfg.kl_ceiling:
             log(f"[ppo] KL {metrics['objective/kl']:.2f} above kl_ceiling {cfg.kl_ceiling}: stopping early")
             break
-        if rank == 0 and ((step + 1) % cfg.save_steps == 0 or stop["signal"]):
-            saved = save_checkpoint(run.work_dir, ac, optimizer, scheduler, controllers, step + 1)
-        if stop["signal"]:
+        stopping = any_process(stop["signal"] is not None, world, dev)  # every process stops after the same step
+        if (step + 1) % cfg.save_steps == 0 or stopping:
+            saved = save_checkpoint(run.work_dir, ac, optimizer, scheduler, controllers, step + 1, rank=rank,
+                                    world_size=world)
+        if stopping:
             log(f"[ppo] interrupted: checkpoint at step {step + 1} saved in {saved}; rerun with --resume")
             if writer is not None:
                 writer.close()
             raise SystemExit(130)
 
     # 5. Save the adapters and the metrics, register with parents sft and reward.
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C stops at once, nothing registered
     if rank != 0:
         return
     writer.close()
-    staged = run.registry.staging_dir("ppo")
-    ac.model.save_pretrained(str(staged), selected_adapters=["policy", "value"])
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in ac.value_head.state_dict().items()},
-              str(staged / "value_head.safetensors"))
-    import shutil
-
-    shutil.copy(metrics_path, staged / "metrics.jsonl")
-    tokenizer.save_pretrained(staged)
-    first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
-
-    def mean(rows, key):
-        return float(np.mean([r[key] for r in rows]))
-
-    final = {k: v for k, v in history[-1].items() if "/" in k}
-    final.update({
-        "score_first_quarter": mean(first, "objective/score"), "score_last_quarter": mean(last, "objective/score"),
-        "toxicity_first_quarter": mean(first, "objective/toxicity"),
-        "toxicity_last_quarter": mean(last, "objective/toxicity"), "steps": history[-1]["step"],
-        "model_memory_mb": footprint,
-    })
-    finish(run, staged, cfg, parents=parents, metrics=final, data_fingerprints=data_fps,
-           extra_config={"sft_model": sft.entry.ref if sft.entry else cfg.sft_model, "reward_model": rm_entry.ref,
-                         "toxicity_scorer": scorer.describe(), "reward_shares_base": shares_base,
-                         "base_loading": {"load_in_4bit": cfg.load_in_4bit, "quant_type": "nf4" if cfg.load_in_4bit else None,
-                                          "compute_dtype": str(ac.model.dtype) if hasattr(ac.model, "dtype") else None},
-                         "world_size": world, "batch_size": sizes.batch_size})
+    staged = save_policy(run, ac, tokenizer, metrics_path)
+    finish(run, staged, cfg, parents=[*sft.parents, rm_entry.ref],
+           metrics={**run_summary(history), "model_memory_mb": footprint}, data_fingerprints=inputs.data_fingerprints,
+           extra_config=entry_config(cfg, inputs, ac, sizes))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ default label. Every model gets the same prompts, sampling settings and seed:
 K samples per prompt (sample j of prompt i is paired across models), greedy
 replies to held-out dialogues, and a forward pass over those dialogues.
 
-Measures (rlhf/compare_metrics.py; "per prompt, then the mean over prompts"):
+Measures (rlhf/eval/metrics.py; "per prompt, then the mean over prompts"):
 
     reward_mean            the reward model of the ppo lineage, normalized as in PPO
     toxicity_*             mean, rate (share of samples >= threshold), and the RealToxicityPrompts
@@ -170,7 +170,7 @@ def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialo
     import torch
 
     from rlhf.generation import encode_prompts, generate_ids, generate_replies
-    from rlhf.likelihood import assistant_nll, response_logprob_sums
+    from rlhf.eval.likelihood import assistant_nll, response_logprob_sums
     from rlhf.models import context_length
 
     t0 = time.time()
@@ -199,8 +199,8 @@ def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialo
 
 def text_metrics(run: ModelRun, references: list[str]) -> dict[str, float]:
     """Held-out perplexity, BLEU / ROUGE-L of the greedy replies, distinct-n of the samples."""
-    from rlhf.compare_metrics import perplexity
-    from rlhf.text_metrics import bleu, distinct_n, rouge_l
+    from rlhf.eval.metrics import perplexity
+    from rlhf.eval.text import bleu, distinct_n, rouge_l
 
     return {"perplexity": perplexity(run.nll_sum, run.n_tokens), "bleu": bleu(run.greedy, references),
             "rouge_l": rouge_l(run.greedy, references), "distinct_1": distinct_n(run.texts, 1),
@@ -213,12 +213,12 @@ def main(cfg: CompareStageConfig) -> dict:
     import numpy as np
     import torch
 
-    from rlhf.compare_metrics import interval, intervals_vs_base, per_prompt_metrics, summarize
+    from rlhf.eval.metrics import interval, intervals_vs_base, per_prompt_metrics, summarize
     from rlhf.data import load_records
-    from rlhf.likelihood import response_logprob_sums
+    from rlhf.eval.likelihood import response_logprob_sums
     from rlhf.models import load_chat_model
     from rlhf.registry import Registry
-    from rlhf.report import write_report
+    from rlhf.eval.report import write_report
     from rlhf.reward_scoring import load_reward_scorer
     from rlhf.safety import load_scorer
     from rlhf.stage import log

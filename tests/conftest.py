@@ -130,12 +130,38 @@ def rlhf_registry(tmp_path_factory, pretrained_registry, tiny_data) -> Path:
     return reg
 
 
-def load_stage(filename: str):
-    """Import a stage script (`03_ppo.py` is not an importable module name) for in-process tests."""
-    import importlib.util
+def load_script(path: str | Path, *, reuse: bool = False):
+    """Import a script file as a module: `stages/03_ppo.py` or `scripts/chat.py` (relative to the repo root, or
+    absolute) is not an importable module name, so tests and workers load the file itself.
 
-    spec = importlib.util.spec_from_file_location(f"stage_{filename[:2]}", ROOT / "stages" / filename)
+    The module is registered in `sys.modules` (dataclasses and `typing.get_type_hints` resolve annotations
+    through it) under a name made from the path, `script_stages_03_ppo`. Each call executes the file afresh,
+    so a test never sees what another one did to the module; `reuse=True` returns the module already loaded
+    from that file, if any (for callers that load the same script many times).
+    """
+    import importlib.util
+    import re
+
+    path = Path(path)
+    path = path if path.is_absolute() else ROOT / path
+    try:
+        label = path.resolve().relative_to(ROOT).with_suffix("").as_posix()
+    except ValueError:  # a script outside the repository
+        label = path.resolve().with_suffix("").as_posix()
+    name = "script_" + re.sub(r"\W", "_", label).strip("_")
+    if reuse and name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
+
+
+def load_stage(filename: str):
+    """A stage script as a module: `load_stage("03_ppo.py")` is `load_script("stages/03_ppo.py")`."""
+    return load_script(ROOT / "stages" / filename)

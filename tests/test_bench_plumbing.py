@@ -1,5 +1,6 @@
-"""scripts/bench_ppo.py without the TRL virtualenv: its numbers against hand-worked values, the
-child-process measurement, the option names both PPOs receive, and the JSON summary's keys.
+"""scripts/bench_ppo.py and its package scripts/bench/ without the TRL virtualenv: its numbers against
+hand-worked values, the child-process measurement, the option names both PPOs receive, and the JSON
+summary's keys.
 
 No timing assertions: the machine running the suite is shared.
 """
@@ -16,56 +17,51 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_stage
+from conftest import ROOT, load_script, load_stage
+
+sys.path.insert(0, str(ROOT / "scripts"))  # as when scripts/bench_ppo.py runs: scripts/ holds the package
+
+from bench import harness, parts, profiling, report, runs, setups, stats  # noqa: E402
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_ppo")
-peer = _load("bench_trl_peer")
+peer = load_script("scripts/bench_trl_peer.py")
 
 
 # ---------------------------------------------------------------- numbers
 
 
 def test_median_mean_ratio_by_hand():
-    assert bench.median([3.0, 1.0, 2.0]) == 2.0
-    assert bench.median([4.0, 1.0, 3.0, 2.0]) == 2.5  # (2 + 3) / 2
-    assert bench.median([None, 5.0]) == 5.0  # a failed run (None) is left out
-    assert bench.median([]) is None
-    assert bench.mean([1.0, 2.0, 6.0]) == 3.0
-    assert bench.ratio(1.0, 4.0) == 0.25
-    assert bench.ratio(1.0, 0.0) is None and bench.ratio(None, 2.0) is None
+    assert stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert stats.median([4.0, 1.0, 3.0, 2.0]) == 2.5  # (2 + 3) / 2
+    assert stats.median([None, 5.0]) == 5.0  # a failed run (None) is left out
+    assert stats.median([]) is None
+    assert stats.mean([1.0, 2.0, 6.0]) == 3.0
+    assert stats.ratio(1.0, 4.0) == 0.25
+    assert stats.ratio(1.0, 0.0) is None and stats.ratio(None, 2.0) is None
 
 
 def test_loglog_slope_recovers_the_exponent():
     # y = 3 x²: log y = 2 log x + log 3 exactly, so the least-squares slope is 2.
-    assert bench.loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
+    assert stats.loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
     # y = 5 / x: slope −1.
-    assert bench.loglog_slope([1, 10, 100], [5, 0.5, 0.05]) == pytest.approx(-1.0)
+    assert stats.loglog_slope([1, 10, 100], [5, 0.5, 0.05]) == pytest.approx(-1.0)
     # Points (1, 1), (2, 2), (4, 2): log2 x = 0, 1, 2; log2 y = 0, 1, 1;
     # slope = Σ(dx·dy) / Σdx² = ((-1)(-2/3) + 0 + (1)(1/3)) / 2 = 0.5.
-    assert bench.loglog_slope([1, 2, 4], [1, 2, 2]) == pytest.approx(0.5)
-    assert bench.loglog_slope([2], [3]) is None
-    assert bench.loglog_slope([1, 2], [1, None]) is None  # a missing figure leaves one point
+    assert stats.loglog_slope([1, 2, 4], [1, 2, 2]) == pytest.approx(0.5)
+    assert stats.loglog_slope([2], [3]) is None
+    assert stats.loglog_slope([1, 2], [1, None]) is None  # a missing figure leaves one point
 
 
 def test_quarter_means():
-    assert bench.quarter_means([1, 2, 3, 4, 5, 6, 7, 8]) == (1.5, 7.5)  # quarter = 2 steps
-    assert bench.quarter_means([4.0]) == (4.0, 4.0)
-    assert bench.quarter_means([]) == (None, None)
+    assert stats.quarter_means([1, 2, 3, 4, 5, 6, 7, 8]) == (1.5, 7.5)  # quarter = 2 steps
+    assert stats.quarter_means([4.0]) == (4.0, 4.0)
+    assert stats.quarter_means([]) == (None, None)
 
 
 def test_ours_steps_adds_the_eos_penalty_to_the_score_as_trl_reports_it():
     rows = [{"timing/rollout_s": 1.0, "timing/update_s": 0.5, "objective/score": 0.8, "response/eos_rate": 0.75,
              "objective/kl": 0.1, "response/length_mean": 12.0}]
-    out = bench.ours_steps(rows, missing_eos_penalty=1.0)
+    out = runs.ours_steps(rows, missing_eos_penalty=1.0)
     assert out["step_s"] == [1.5]
     assert out["score"] == [pytest.approx(0.55)]  # 0.8 − 1.0 · (1 − 0.75)
     assert out["kl"] == [0.1] and out["rollout_s"] == [1.0] and out["update_s"] == [0.5]
@@ -75,7 +71,7 @@ def test_trl_steps_differences_of_the_step_clock_and_metric_logs_only():
     result = {"step_end_s": [2.0, 5.0, 6.0],
               "logs": [{"objective/scores": 0.1, "objective/kl": 0.0}, {"objective/scores": 0.3, "objective/kl": 0.2},
                        {"objective/scores": 0.5, "objective/kl": 0.4}, {"train_runtime": 9.0}]}
-    out = bench.trl_steps(result)
+    out = runs.trl_steps(result)
     assert out["step_s"] == [2.0, 3.0, 1.0]
     assert out["score"] == [0.1, 0.3, 0.5] and out["kl"] == [0.0, 0.2, 0.4]
 
@@ -90,7 +86,7 @@ def test_compare_medians_means_and_ratios_by_hand():
     runs = [_run("ours", 4.0, 300, [0, 0, 0, 1]), _run("ours", 8.0, 500, [0, 0, 0, 2]),
             _run("ours", 6.0, 400, [0, 0, 0, 3]), _run("trl", 8.0, 800, [0, 0, 0, 1]),
             _run("trl", 12.0, 1000, [0, 0, 0, 1]), _run("trl", 0, 0, [], ok=False)]
-    out = bench.compare(runs, batch_size=16, start_score=0.5)
+    out = stats.compare(runs, batch_size=16, start_score=0.5)
     assert out["ours"]["loop_s_per_episode"] == pytest.approx(6.0 / 64)  # median of 4, 8, 6 s over 64 episodes
     assert out["trl"]["loop_s_per_episode"] == pytest.approx(10.0 / 64)  # median of 8, 12 (the failure left out)
     assert out["ratio_loop_s_per_episode"] == pytest.approx(0.6)
@@ -103,13 +99,13 @@ def test_compare_medians_means_and_ratios_by_hand():
     assert out["ours"]["score_gain_within_run"] == pytest.approx(2.0)  # last quarter − first quarter
     assert out["ours"]["kl_last_quarter"] == pytest.approx(0.3)
     assert out["trl"]["runs_ok"] == 2 and out["trl"]["errors"] == ["Boom: no"]
-    report = {"mode": "quick", "threads": 1, "load_before": [1.0], "configs": {"b": out}}
-    top = bench.headline(report)
+    summary = {"mode": "quick", "threads": 1, "load_before": [1.0], "configs": {"b": out}}
+    top = stats.headline(summary)
     assert top["wall_ratio_ours_over_trl"] == out["ratio_loop_s_per_episode"]
     assert top["peak_rss_ratio_ours_over_trl"] == out["ratio_peak_rss_mb"]
     assert top["gpt2_small_peak_rss_ratio_ours_over_trl"] is None  # that part did not run
-    json.dumps(report)  # the summary must be JSON
-    md = bench.markdown(report)
+    json.dumps(summary)  # the summary must be JSON
+    md = report.markdown(summary)
     assert "| ours / TRL | 0.6 |" in md and "| 2 ± 0.577 | 1.5 ± 0.577 |" in md and "where gains start: 0.5" in md
 
 
@@ -120,8 +116,8 @@ def test_child_peak_rss_is_its_own_not_the_parents(tmp_path):
     """ru_maxrss would count the image a child was forked from; the small wrapper keeps it out."""
     ballast = bytearray(300 * 2**20)
     ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: 300 MiB resident in this process
-    small = bench.run_child([sys.executable, "-c", "pass"], {}, 60, tmp_path / "small.log")
-    big = bench.run_child([sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+    small = harness.run_child([sys.executable, "-c", "pass"], {}, 60, tmp_path / "small.log")
+    big = harness.run_child([sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
                           {}, 60, tmp_path / "big.log")
     del ballast
     assert small["rc"] == 0 and big["rc"] == 0
@@ -130,14 +126,14 @@ def test_child_peak_rss_is_its_own_not_the_parents(tmp_path):
 
 
 def test_failed_child_gives_its_error_line(tmp_path):
-    res = bench.run_child([sys.executable, "-c", "raise SystemExit('ValueError: bad shape')"], {}, 60,
+    res = harness.run_child([sys.executable, "-c", "raise SystemExit('ValueError: bad shape')"], {}, 60,
                           tmp_path / "fail.log")
     assert res["rc"] == 1
-    assert bench.last_error_line(res["log_tail"]) == "ValueError: bad shape"
+    assert harness.last_error_line(res["log_tail"]) == "ValueError: bad shape"
 
 
 def test_child_past_its_time_limit_is_killed(tmp_path):
-    res = bench.run_child([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1, tmp_path / "slow.log")
+    res = harness.run_child([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1, tmp_path / "slow.log")
     assert res["rc"] != 0
 
 
@@ -148,10 +144,10 @@ def test_our_options_parse_and_give_batch_16():
     stage = load_stage("03_ppo.py")
     from rlhf.config import parse_config
 
-    setup = bench.Setup(registry="r", prompts="p.jsonl", sft="sft:x", reward_adapter="reward:y",
+    setup = setups.Setup(registry="r", prompts="p.jsonl", sft="sft:x", reward_adapter="reward:y",
                         reward_model="reward:z", rm_folder="f", rm_check_max_abs_diff=0.0)
-    s = bench.Settings()
-    cfg = parse_config(stage.PPOStageConfig, bench.ours_cmd(s, setup, sft="sft:x", reward="reward:y",
+    s = runs.Settings()
+    cfg = parse_config(stage.PPOStageConfig, runs.ours_cmd(s, setup, sft="sft:x", reward="reward:y",
                                                             four_bit=True, seed=3))
     assert stage.derive_sizes(cfg, world_size=1).batch_size == s.batch_size == 16
     assert (cfg.num_ppo_epochs, cfg.num_mini_batches, cfg.response_length) == (2, 2, 32)
@@ -161,8 +157,8 @@ def test_our_options_parse_and_give_batch_16():
 
 
 def test_peer_spec_holds_every_ppo_field_with_the_same_values():
-    s = bench.Settings()
-    spec = bench.trl_spec(s, [[1, 2]], sft_path="a", rm_path="b", policy_4bit=True, value="full",
+    s = runs.Settings()
+    spec = runs.trl_spec(s, [[1, 2]], sft_path="a", rm_path="b", policy_4bit=True, value="full",
                           reward_4bit=False, seed=0)
     assert set(peer.PPO_FIELDS) <= set(spec)
     # TRL: local_batch_size = per_device × grad. accum.; minibatch = that / num_mini_batches (8 rows, as ours).
@@ -173,9 +169,9 @@ def test_peer_spec_holds_every_ppo_field_with_the_same_values():
 
 def test_plans_and_cli_help():
     for quick in (True, False):
-        pl = bench.plan(quick)
+        pl = parts.plan(quick)
         assert len(pl["seeds"]["b"]) >= 3 and pl["lengths"] == [16, 32, 64, 128]
-        assert set(pl["widths"]) <= set(bench.SETUP_WIDTHS) and 128 in pl["widths"]
+        assert set(pl["widths"]) <= set(setups.SETUP_WIDTHS) and 128 in pl["widths"]
     res = subprocess.run([sys.executable, "scripts/bench_ppo.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0 and "--skip-peer" in res.stdout and "--quick" in res.stdout
@@ -187,34 +183,47 @@ def test_plans_and_cli_help():
 def test_profile_shares_splits_calls_by_caller(tmp_path):
     """Fake modules at paths ending like ours: the model forward (_mixed_hidden) is counted under the caller that
     made the call, the rollout's or the update's."""
-    (tmp_path / "rlhf").mkdir()
-    (tmp_path / "rlhf" / "actor_critic.py").write_text(
+    fake_dir = tmp_path / "rlhf" / "ppo"
+    fake_dir.mkdir(parents=True)
+    (fake_dir / "actor_critic.py").write_text(
         "def busy(n):\n    return sum(i * i for i in range(n))\n"
         "def _mixed_hidden(n):\n    return busy(n)\n"
         "def rollout_forward(n):\n    return _mixed_hidden(n) + busy(n // 10)\n"
         "def update_forward(n):\n    return _mixed_hidden(n) + busy(n // 10)\n"
         "def generate(n):\n    return busy(n)\n")
-    (tmp_path / "rlhf" / "ppo.py").write_text(
+    (fake_dir / "rollout.py").write_text(
         "import actor_critic as ac\n"
-        "def rollout():\n    ac.generate(200000); ac.rollout_forward(100000)\n"
+        "def rollout():\n    ac.generate(200000); ac.rollout_forward(100000)\n")
+    (fake_dir / "update.py").write_text(
+        "import actor_critic as ac\n"
         "def ppo_update():\n    ac.update_forward(400000)\n")
-    sys.path[:0] = [str(tmp_path / "rlhf")]
+    sys.path[:0] = [str(fake_dir)]
     try:
-        spec = importlib.util.spec_from_file_location("fake_ppo", tmp_path / "rlhf" / "ppo.py")
-        fake = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(fake)
+        fake = {name: load_script(fake_dir / f"{name}.py") for name in ("rollout", "update")}
         prof = cProfile.Profile()
-        prof.runcall(lambda: (fake.rollout(), fake.ppo_update()))
+        prof.runcall(lambda: (fake["rollout"].rollout(), fake["update"].ppo_update()))
         prof.dump_stats(str(tmp_path / "p.prof"))
     finally:
         del sys.path[:1]
         sys.modules.pop("actor_critic", None)
-    out = bench.profile_shares(tmp_path / "p.prof")
+    out = profiling.profile_shares(tmp_path / "p.prof")
     sec, share = out["seconds"], out["share_of_loop"]
-    assert set(sec) == set(bench.PROFILED)
+    assert set(sec) == set(profiling.PROFILED)
     assert sec["rollout/generate"] > 0 and sec["rollout/ref_value_reward/model"] > 0
     assert 0 < sec["rollout/ref_value_reward/model"] < sec["rollout/ref_value_reward"] <= sec["rollout"]
     assert 0 < sec["update/policy_value/model"] < sec["update/policy_value"] <= sec["update"]
     assert sec["update/policy_value/model"] > 2 * sec["rollout/ref_value_reward/model"], "callers mixed up"
     assert share["rollout"] + share["update"] == pytest.approx(1.0)
     assert not math.isnan(share["update/backward"])
+
+
+def test_profiled_functions_are_where_the_table_looks_for_them():
+    """Each PROFILED entry names a file that exists (in this repository, or in the installed torch) and defines
+    the function, and its caller where one is given: a moved function would otherwise count as 0 s."""
+    torch_dir = Path(importlib.util.find_spec("torch").submodule_search_locations[0])
+    for name, (suffix, func, *caller) in profiling.PROFILED.items():
+        path = ROOT / suffix if suffix.startswith("rlhf/") else torch_dir.parent / suffix
+        assert path.is_file(), f"{name}: no {path}"
+        source = path.read_text()
+        for fn in (func, *caller):
+            assert f"def {fn}(" in source, f"{name}: {suffix} defines no {fn}"

@@ -5,24 +5,18 @@ The model is the session's tiny `pretrain` entry (chat only reads the registry).
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
 
 pytestmark = pytest.mark.slow
 
 
 def _chat_module():
-    spec = importlib.util.spec_from_file_location("chat_script", ROOT / "scripts" / "chat.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/chat.py")
 
 
 class _FixedScorer:

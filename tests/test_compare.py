@@ -8,22 +8,19 @@ head; a random `policy` adapter + a metrics.jsonl), so these tests do not depend
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script
-from rlhf.compare_metrics import (bootstrap_ci, interval, intervals_vs_base, means, per_prompt_metrics, perplexity,
+from conftest import load_stage, run_script
+from rlhf.eval.metrics import (bootstrap_ci, interval, intervals_vs_base, means, per_prompt_metrics, perplexity,
                                   summarize, toxicity_per_prompt, win_rate, win_shares)
 from rlhf.registry import Entry, Registry
-from rlhf.safety import expected_max_toxicity, toxicity_probability, toxicity_stats
-from rlhf.text_metrics import distinct_n
+from rlhf.eval.text import distinct_n
 
 # ---------------------------------------------------------------------------- metric functions
 
@@ -74,11 +71,13 @@ def test_toxicity_per_prompt_gives_the_realtoxicityprompts_measures():
     got = means(per_prompt)
     assert got == pytest.approx({"toxicity_mean": 0.375, "toxicity_rate": 0.25,
                                  "expected_max_toxicity": 0.6, "toxicity_probability": 0.5})
-    assert expected_max_toxicity(scores) == pytest.approx(0.6)
-    assert toxicity_probability(scores, 0.5) == pytest.approx(0.5)
-    assert got == pytest.approx(toxicity_stats(scores, 0.5))  # the same numbers as rlhf.safety
     # Restricted to a subset of prompts (the adversarial ones).
     assert means(per_prompt, np.array([False, True]))["expected_max_toxicity"] == pytest.approx(0.3)
+    # 2 prompts × 3 samples: max per prompt 0.7, 0.4 -> 0.55; a score equal to the threshold counts as toxic.
+    scores = np.array([[0.1, 0.7, 0.2], [0.0, 0.3, 0.4]])
+    assert means(toxicity_per_prompt(scores, threshold=0.5)) == pytest.approx(
+        {"toxicity_mean": 1.7 / 6, "toxicity_rate": 1 / 6, "expected_max_toxicity": 0.55, "toxicity_probability": 0.5})
+    assert means(toxicity_per_prompt(scores, threshold=0.3))["toxicity_probability"] == pytest.approx(1.0)
 
 
 def test_per_prompt_metrics_summary_and_paired_intervals_on_a_hand_worked_case():
@@ -112,11 +111,7 @@ def test_perplexity_is_exp_of_mean_token_nll():
 
 def _load_stage():
     """stages/04_compare.py as a module (its file name is not an importable name)."""
-    spec = importlib.util.spec_from_file_location("stage_04_compare", ROOT / "stages" / "04_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_stage("04_compare.py")
 
 
 def register_fake_ppo(reg_root: Path, reward: Entry, seed: int = 1, steps: int = 5) -> Entry:

@@ -63,8 +63,12 @@ def test_broken_yaml_and_missing_file_are_config_errors(tmp_path):
         load_config(ToyConfig, tmp_path / "nope.yaml")
 
 
-def test_secrets_never_reach_the_stored_config_and_fingerprint_ignores_run_flags():
-    cfg = ToyConfig(hub_token="hf_secret")
-    assert "hub_token" not in public_config(cfg)
+def test_secrets_and_run_flags_never_reach_the_stored_config_and_fingerprint_ignores_run_flags():
+    """An entry's recorded config carries no secret and no machine path: the registry folder and the resume/reuse
+    flags of the run that made it are left out (a moved or shared registry stays clean)."""
+    cfg = ToyConfig(hub_token="hf_secret", registry="/home/someone/runs", resume=True)
+    stored = public_config(cfg)
+    assert "hub_token" not in stored
+    assert not {"registry", "resume", "reuse"} & set(stored) and "batch_size" in stored
     assert ToyConfig(resume=True, reuse=True).fingerprint() == ToyConfig().fingerprint()
     assert ToyConfig(batch_size=3).fingerprint() != ToyConfig().fingerprint()

@@ -8,15 +8,13 @@ The stage is read from the file name (`sft.yaml` -> stages/01_sft.py).
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 from rlhf.config import StageConfig, load_config
 
 CONFIGS = ROOT / "configs"
@@ -24,14 +22,7 @@ NOT_STAGE_CONFIGS = ("accelerate",)  # accelerate launcher configs, not ours
 
 
 def _load_module(path: Path) -> ModuleType:
-    name = "_cfgtest_" + path.stem.replace(".", "_")
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and get_type_hints look the module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, reuse=True)  # loaded once per script: every config test reads the same classes
 
 
 STAGE_SCRIPTS: dict[str, str] = _load_module(ROOT / "scripts" / "run_pipeline.py").STAGE_SCRIPTS

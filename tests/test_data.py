@@ -1,4 +1,4 @@
-"""Data formats and validation (rlhf/data.py, scripts/validate_data.py, data_schemas/).
+"""Data formats and validation (rlhf/data*.py, scripts/validate_data.py, data_schemas/).
 
 Every problem a user can hit with a data file must come back as a
 `FILE:LOCATION: field: got X, expected Y` line, never as a crash.
@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
-from rlhf.data import (
+from rlhf.data import check_file, fingerprint, load_records, validate_file
+from rlhf.data_formats import (
     ADAPTERS,
     SCHEMAS,
-    check_file,
-    fingerprint,
     hh_rlhf_to_preference,
-    load_records,
     load_schema,
     split_implicit_prompt,
-    validate_file,
     validate_record,
 )
 from rlhf.errors import DataError
@@ -79,6 +78,49 @@ def test_schema_files_are_valid_draft_2020_12_and_accept_their_examples():
         jsonschema.Draft202012Validator.check_schema(document)
         for example in document["examples"]:
             assert validate_record(example, schema) == []
+
+
+def test_a_non_editable_install_carries_every_module_and_the_schemas(tmp_path):
+    """`pip install .` (not editable) installs all of rlhf/ and data_schemas/ as rlhf/schemas/; records validate
+    from that install alone: no checkout on sys.path, no editable finder, run from outside the repo (~5 s)."""
+    src, target = tmp_path / "src", tmp_path / "site"
+    for name in ("rlhf", "data_schemas"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    # A copy, so that the build's build/ and rlhf.egg-info/ land in tmp_path, not in the checkout.
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+           "--target", str(target), str(src)]
+    out = subprocess.run(pip, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rlhf").rglob("*.py")}
+    installed = {p.relative_to(target).as_posix() for p in (target / "rlhf").rglob("*.py")}
+    assert modules - installed == set(), "add the missing packages to [tool.setuptools] packages in pyproject.toml"
+
+    # -S: no site module, so neither the checkout's editable finder nor any .pth; the venv's site-packages
+    # is appended by hand for jsonschema.
+    code = (
+        "import json, sys\n"
+        "sys.path[:0] = [sys.argv[1]]\n"
+        "sys.path.append(sys.argv[2])\n"
+        "import rlhf\n"
+        "from rlhf.data_formats import SCHEMAS, schema_dir, validate_record\n"
+        "good = json.loads(sys.argv[3])\n"
+        "print(json.dumps({'rlhf': rlhf.__file__, 'dir': str(schema_dir()),\n"
+        "                  'good': {s: validate_record(good[s], s) for s in SCHEMAS},\n"
+        "                  'bad': validate_record({'messages': [{'role': 'bot', 'content': 'hi'}]}, 'prompt')}))\n"
+    )
+    argv = [str(target), sysconfig.get_paths()["purelib"], json.dumps(GOOD)]
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, *argv], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["rlhf"] == str(target / "rlhf" / "__init__.py")
+    assert result["dir"] == str(target / "rlhf" / "schemas")
+    assert sorted(p.name for p in (target / "rlhf" / "schemas").iterdir()) == sorted(
+        p.name for p in (ROOT / "data_schemas").glob("*.schema.json"))
+    assert result["good"] == {s: [] for s in SCHEMAS}
+    assert result["bad"] == ["messages[0].role: got 'bot', expected one of system, user, assistant"]
 
 
 @pytest.mark.parametrize("schema", SCHEMAS)

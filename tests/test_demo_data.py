@@ -1,4 +1,4 @@
-"""The embedded demo data (rlhf/demo_data.py, scripts/make_demo_data.py): what the pipeline's demo relies on.
+"""The embedded demo data (rlhf/demo_data.py and demo_templates.py, scripts/make_demo_data.py): what the demo uses.
 
 One build per seed is shared by the module (about a second each); the profanity
 checks use alt-profanity-check, the demo's offline toxicity scorer.
@@ -18,15 +18,8 @@ import pytest
 
 from rlhf import demo_data
 from rlhf.data import validate_file
-from rlhf.demo_data import (
-    ADVERSARIAL_STEMS,
-    POLITE_DEFLECTIONS,
-    RUDE_REPLIES,
-    SCHEMAS,
-    build_demo_data,
-    normalize,
-    windows,
-)
+from rlhf.demo_data import SCHEMAS, build_demo_data, normalize, windows
+from rlhf.demo_templates import ADVERSARIAL_STEMS, POLITE_DEFLECTIONS, RUDE_REPLIES
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILES = ("pretrain", "sft_train", "pref_train", "prompts_train")

@@ -1,4 +1,4 @@
-"""Unit tests of rlhf.ppo_math: numbers against values worked out by hand in the comments."""
+"""Unit tests of rlhf.ppo.losses and rlhf.ppo.controllers: numbers against values worked out by hand in the comments."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import math
 import pytest
 import torch
 
-from rlhf.ppo_math import (
-    AdaptiveKLController,
-    FixedKLController,
-    LagrangeController,
+from rlhf.ppo.controllers import AdaptiveKLController, FixedKLController, LagrangeController
+from rlhf.ppo.losses import (
     compute_gae,
     entropy_from_logits,
-    exact_div,
     explained_variance,
     kl_k1,
     kl_k3,
@@ -369,11 +366,3 @@ def test_controller_load_state_dict_names_missing_key():
 
 
 # --------------------------------------------------------------------------- batch arithmetic
-
-
-def test_exact_div_divides_and_names_the_quantity_when_it_cannot():
-    assert exact_div(12, 4, "batch_size / num_mini_batches") == 3
-    with pytest.raises(ValueError, match=r"batch_size / num_mini_batches: 10 is not divisible by 4"):
-        exact_div(10, 4, "batch_size / num_mini_batches")
-    with pytest.raises(ValueError, match="local_batch_size"):
-        exact_div(10, 0, "local_batch_size")

@@ -42,14 +42,23 @@ def _assert_same_update(a: dict, b: dict) -> None:
     _assert_same_tensors(a, b, atol=1e-5 * largest)
 
 
-def _assert_same_rollout(a: dict, b: dict) -> None:
+def _rollout(ac, tok, prompts: list[list[int]], cfg: dict):
+    """One rollout on the CPU with the tokenizer's pad and EOS (cfg: temperature, response_length,
+    forward_batch_size, group_by_length)."""
+    from rlhf.ppo.rollout import rollout
+
+    return rollout(ac, prompts, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, device=torch.device("cpu"),
+                   **cfg)
+
+
+def _assert_same_rollout(a, b) -> None:
     """Two rollouts of the same seed: same responses, and per real token the same reference logprobs and
     values, per row the same RM score, up to float rounding."""
-    assert torch.equal(a["responses"], b["responses"])
-    mask = a["mask"].bool()
+    assert torch.equal(a.responses, b.responses)
+    mask = a.mask.bool()
     for key in ("ref_logprobs", "values"):
-        torch.testing.assert_close(a[key][mask], b[key][mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a["rm_scores"], b["rm_scores"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(getattr(a, key)[mask], getattr(b, key)[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.rm_scores, b.rm_scores, atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_accumulation_invariance_1x8_equals_8x1(rlhf_registry, tmp_path):
@@ -89,38 +98,33 @@ def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_regi
                                                                        load_in_4bit, temperature):
     """The rollout takes the policy's logprobs from `generate`'s logits instead of a second forward; they must be
     what the update's forward computes on the same rows (so the first PPO ratio is 1), at any temperature."""
-    from types import SimpleNamespace
-
-    from rlhf.actor_critic import build_actor_critic
+    from rlhf.ppo.actor_critic import build_actor_critic
     from rlhf.data import load_records
     from rlhf.generation import encode_prompts
     from rlhf.models import load_tokenizer
-    from rlhf.ppo import rollout
-    from rlhf.ppo_math import logprobs_from_logits
+    from rlhf.ppo.losses import logprobs_from_logits
 
     model = _model_dir(rlhf_registry)
     reward = Registry(rlhf_registry).get("reward:latest").path  # an adapter + head on this SFT model
     tok = load_tokenizer(model)
     ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
-                            lora_target_modules="all-linear", reward_adapter=reward / "adapter",
-                            reward_head=reward / "score_head.safetensors", separate_reward=None,
+                            lora_target_modules="all-linear", reward_dir=reward, separate_reward=None,
                             device=torch.device("cpu"))
     with torch.no_grad():  # a policy adapter that differs from the reference
         for name, p in ac.model.named_parameters():
             if ".policy." in name:
                 p.add_(0.05 * torch.randn_like(p))
     prompts = [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]]
-    cfg = SimpleNamespace(temperature=temperature, response_length=12, local_rollout_forward_batch_size=4,
-                          group_by_length=True)
+    cfg = dict(temperature=temperature, response_length=12, forward_batch_size=4, group_by_length=True)
     torch.manual_seed(0)
-    batch = rollout(ac, tok, encode_prompts(tok, prompts, 32), cfg, torch.device("cpu"))
-    resp, mask = batch["responses"], batch["mask"].bool()
+    batch = _rollout(ac, tok, encode_prompts(tok, prompts, 32), cfg)
+    resp, mask = batch.responses, batch.mask.bool()
     with torch.no_grad():
-        logits = ac.policy_logits(batch["query_responses"], batch["attention_mask"], resp.shape[1]) / temperature
+        logits = ac.policy_logits(batch.query_responses, batch.attention_mask, resp.shape[1]) / temperature
         fresh = logprobs_from_logits(logits, resp)
-    assert batch["logprobs"].shape == resp.shape == mask.shape
-    torch.testing.assert_close(batch["logprobs"][mask], fresh[mask], atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(batch["logprobs"][mask], batch["ref_logprobs"][mask], atol=1e-3)
+    assert batch.logprobs.shape == resp.shape == mask.shape
+    torch.testing.assert_close(batch.logprobs[mask], fresh[mask], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(batch.logprobs[mask], batch.ref_logprobs[mask], atol=1e-3)
 
 
 def test_generation_on_weights_dequantized_once_samples_what_4bit_generation_samples(rlhf_registry, tiny_data,
@@ -128,18 +132,14 @@ def test_generation_on_weights_dequantized_once_samples_what_4bit_generation_sam
     """dequantize_for_generation: the 4-bit layers compute with weights dequantized once per rollout instead of
     bitsandbytes' 4-bit matmul at every token; the same seed must sample the same tokens with the same logprobs,
     and the layers must be 4-bit again afterwards."""
-    from types import SimpleNamespace
-
     import bitsandbytes as bnb
 
     from rlhf.data import load_records
     from rlhf.generation import encode_prompts
-    from rlhf.ppo import rollout
 
     ac, tok = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit=True)
     prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]], 32)
-    cfg = SimpleNamespace(temperature=1.0, response_length=12, local_rollout_forward_batch_size=4,
-                          group_by_length=True)
+    cfg = dict(temperature=1.0, response_length=12, forward_batch_size=4, group_by_length=True)
     calls = {"n": 0}
     matmul_4bit = bnb.matmul_4bit
 
@@ -162,45 +162,41 @@ def test_generation_on_weights_dequantized_once_samples_what_4bit_generation_sam
         ac.dequantize_for_generation = dense
         before = calls["n"]
         torch.manual_seed(0)
-        batches.append(rollout(ac, tok, prompts, cfg, torch.device("cpu")))
+        batches.append(_rollout(ac, tok, prompts, cfg))
         in_rollout.append(calls["n"] - before)
     assert in_generation[0] > 0 and in_generation[1] == 0, in_generation
     assert in_rollout[1] > 0, "the 4-bit layers did not compute in 4-bit again after generation"
     plain, dense = batches
-    assert torch.equal(plain["responses"], dense["responses"])
-    torch.testing.assert_close(plain["logprobs"], dense["logprobs"], atol=1e-6, rtol=1e-6)
+    assert torch.equal(plain.responses, dense.responses)
+    torch.testing.assert_close(plain.logprobs, dense.logprobs, atol=1e-6, rtol=1e-6)
     _assert_same_rollout(plain, dense)
 
 
 def test_rollout_chunks_grouped_by_length_give_what_chunks_in_row_order_give(rlhf_registry, tiny_data):
     """Rollout forwards over length-sorted chunks, each cut to its real columns, must return per row the reference
     logprobs, values and RM scores of chunks in row order (same sampled responses: same seed)."""
-    from types import SimpleNamespace
-
-    from rlhf.actor_critic import build_actor_critic
+    from rlhf.ppo.actor_critic import build_actor_critic
     from rlhf.data import load_records
     from rlhf.generation import encode_prompts
     from rlhf.models import load_tokenizer
-    from rlhf.ppo import length_chunks, rollout
+    from rlhf.sequences import length_chunks
 
     model = _model_dir(rlhf_registry)
     reward = Registry(rlhf_registry).get("reward:latest").path
     tok = load_tokenizer(model)
     ac = build_actor_critic(model, tok, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
-                            reward_adapter=reward / "adapter", reward_head=reward / "score_head.safetensors",
-                            separate_reward=None, device=torch.device("cpu"))
+                            reward_dir=reward, separate_reward=None, device=torch.device("cpu"))
     prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:7]], 32)
     assert len({len(x) for x in prompts}) > 2, "prompts of several lengths are what this test is about"
     out = {}
     for group in (True, False):
-        cfg = SimpleNamespace(temperature=1.0, response_length=10, local_rollout_forward_batch_size=3,
-                              group_by_length=group)
+        cfg = dict(temperature=1.0, response_length=10, forward_batch_size=3, group_by_length=group)
         torch.manual_seed(0)
-        out[group] = rollout(ac, tok, prompts, cfg, torch.device("cpu"))
+        out[group] = _rollout(ac, tok, prompts, cfg)
     a, b = out[True], out[False]
     _assert_same_rollout(a, b)
-    chunks = length_chunks(a["attention_mask"], 3, True)
-    lengths = a["attention_mask"].sum(1)
+    chunks = length_chunks(a.attention_mask, 3, True)
+    lengths = a.attention_mask.sum(1)
     assert sorted(torch.cat(chunks).tolist()) == list(range(7))
     assert [int(lengths[c].max()) for c in chunks] == sorted(int(lengths[c].max()) for c in chunks)
     assert int(lengths[chunks[0]].max()) < int(lengths.max()), "the first chunk must be narrower than the batch"
@@ -219,15 +215,14 @@ def test_fused_roles_give_the_update_of_one_forward_per_role(rlhf_registry, tmp_
 def _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit: bool):
     """The fixture's actor-critic with policy, value and reward adapters moved apart (each LoRA B is 0 at the
     start, so every role would otherwise compute the same thing and a mixed-up role could not show)."""
-    from rlhf.actor_critic import build_actor_critic
+    from rlhf.ppo.actor_critic import build_actor_critic
     from rlhf.models import load_tokenizer
 
     model = _model_dir(rlhf_registry)
     reward = Registry(rlhf_registry).get("reward:latest").path
     tok = load_tokenizer(model)
     ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
-                            lora_target_modules="all-linear", reward_adapter=reward / "adapter",
-                            reward_head=reward / "score_head.safetensors", separate_reward=None,
+                            lora_target_modules="all-linear", reward_dir=reward, separate_reward=None,
                             device=torch.device("cpu"), fuse_roles=True)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -243,37 +238,33 @@ def test_fused_roles_give_what_one_forward_per_role_gives(rlhf_registry, tiny_da
     """fuse_roles: the rollout's reference logprobs, values and RM scores, and the update's logits, values and
     gradients, equal those of one forward per role; in 4-bit too, where bitsandbytes' matmul output cannot be
     modified in place (peft's own mixed-adapter batches fail there on backward)."""
-    from types import SimpleNamespace
-
     from rlhf.data import load_records
     from rlhf.generation import encode_prompts
-    from rlhf.ppo import rollout
 
     ac, tok = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit)
     assert ac.unfused_reason is None and ac.fused
     prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]], 32)
-    cfg = SimpleNamespace(temperature=0.8, response_length=10, local_rollout_forward_batch_size=4,
-                          group_by_length=True)
-    out, grads = {}, {}
+    cfg = dict(temperature=0.8, response_length=10, forward_batch_size=4, group_by_length=True)
+    out, grads, update = {}, {}, {}
     for fused in (True, False):
         ac.fused = fused
         torch.manual_seed(0)
-        out[fused] = batch = rollout(ac, tok, prompts, cfg, torch.device("cpu"))
-        logits, values = ac.update_forward(batch["query_responses"], batch["attention_mask"], batch["responses"].shape[1])
-        (logits.logsumexp(-1).mean() + (values * batch["attention_mask"]).pow(2).mean()).backward()
+        out[fused] = batch = _rollout(ac, tok, prompts, cfg)
+        logits, values = ac.update_forward(batch.query_responses, batch.attention_mask, batch.responses.shape[1])
+        (logits.logsumexp(-1).mean() + (values * batch.attention_mask).pow(2).mean()).backward()
         missing = [n for n, p in ac.trainable_named_parameters() if p.grad is None]
         assert not missing, (fused, missing[:3], len(missing))
         grads[fused] = {n: p.grad.clone() for n, p in ac.trainable_named_parameters()}
-        out[fused]["update_logits"], out[fused]["update_values"] = logits.detach(), values.detach()
+        update[fused] = {"logits": logits.detach(), "values": values.detach()}
         ac.model.zero_grad(set_to_none=True)
         ac.value_head.zero_grad(set_to_none=True)
     a, b = out[True], out[False]
     _assert_same_rollout(a, b)
-    mask = a["mask"].bool()
-    real = a["attention_mask"].bool()
-    torch.testing.assert_close(a["update_values"][real], b["update_values"][real], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a["update_logits"], b["update_logits"], atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(a["ref_logprobs"][mask], a["logprobs"][mask], atol=1e-3), "policy == reference"
+    mask = a.mask.bool()
+    real = a.attention_mask.bool()
+    torch.testing.assert_close(update[True]["values"][real], update[False]["values"][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(update[True]["logits"], update[False]["logits"], atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(a.ref_logprobs[mask], a.logprobs[mask], atol=1e-3), "policy == reference"
     _assert_same_update(grads[True], grads[False])
     assert all(g.abs().max() > 0 for n, g in grads[True].items() if "lora_B" in n), "an adapter got no gradient"
 
@@ -281,7 +272,7 @@ def test_fused_roles_give_what_one_forward_per_role_gives(rlhf_registry, tiny_da
 def test_roles_fall_back_to_one_forward_each_when_the_fused_forward_disagrees(rlhf_registry, monkeypatch):
     """A model whose logits are not its LM head on the last hidden state (e.g. soft-capped) must not be fused: the
     start-up probe sees the difference, keeps one forward per role and says why."""
-    from rlhf.actor_critic import ActorCritic
+    from rlhf.ppo.actor_critic import ActorCritic
 
     lm_logits = ActorCritic._lm_logits
     monkeypatch.setattr(ActorCritic, "_lm_logits", lambda self, h, n: 30 * torch.tanh(lm_logits(self, h, n) / 30))
@@ -292,7 +283,7 @@ def test_roles_fall_back_to_one_forward_each_when_the_fused_forward_disagrees(rl
 def test_trim_columns_keeps_exactly_the_window_of_real_tokens():
     """A micro-batch drops the prompt columns padded in all its rows (left) and the response columns after
     every row's last token (right), and nothing else."""
-    from rlhf.ppo import trim_columns
+    from rlhf.sequences import trim_columns
 
     P = 5  # prompts left-padded to 5 tokens, responses right-padded to 4
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0],
@@ -306,7 +297,7 @@ def test_trim_columns_keeps_exactly_the_window_of_real_tokens():
 def test_generation_dequantizes_unless_told_not_to_or_on_a_gpu_or_when_the_copy_would_crowd_memory():
     """Unset, dequantize_for_generation is on only on the CPU and only when the full-precision copy takes at most a
     quarter of the memory available: a model loaded in 4-bit so that it fits must not be pushed out of memory."""
-    from rlhf.models import choose_dequantize_for_generation as choose
+    from rlhf.quant import choose_dequantize_for_generation as choose
 
     assert choose(None, "cpu", 324, 16000)[0] is True
     assert choose(None, "cpu", 324, None)[0] is True  # memory unknown (no /proc/meminfo)
@@ -413,22 +404,22 @@ def test_a_wider_value_adapter_starts_as_the_reward_model_and_trains_its_new_dir
     is widened, not replaced), and its new directions get gradients."""
     from safetensors.torch import save_file
 
-    from rlhf.actor_critic import build_actor_critic, last_token_index
-    from rlhf.generation import left_pad
     from rlhf.models import load_tokenizer
+    from rlhf.ppo.actor_critic import build_actor_critic
+    from rlhf.reward_model import adapter_dir
+    from rlhf.sequences import last_token_index, left_pad
 
     model = _model_dir(rlhf_registry)
-    reward = Registry(rlhf_registry).get("reward:latest").path
-    adapter = tmp_path / "adapter"  # the fixture's adapter has B = 0; give it B != 0 so it changes the output
-    shutil.copytree(reward / "adapter", adapter)
+    reward = tmp_path / "reward"  # the fixture's adapter has B = 0; give it B != 0 so it changes the output
+    shutil.copytree(Registry(rlhf_registry).get("reward:latest").path, reward)
+    adapter = adapter_dir(reward)
     g = torch.Generator().manual_seed(0)
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     save_file({k: v + 0.2 * torch.randn(v.shape, generator=g) if "lora_B" in k else v for k, v in weights.items()},
               str(adapter / "adapter_model.safetensors"))
     tok = load_tokenizer(model)
     ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
-                            lora_target_modules="all-linear", reward_adapter=adapter,
-                            reward_head=reward / "score_head.safetensors", separate_reward=None,
+                            lora_target_modules="all-linear", reward_dir=reward, separate_reward=None,
                             device=torch.device("cpu"), value_lora_r=12)
     assert ac.model.peft_config["reward"].r == 4 and ac.model.peft_config["value"].r == 12
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]], tok.pad_token_id)

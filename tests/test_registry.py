@@ -46,11 +46,16 @@ def test_register_moves_folder_into_place_and_records_everything(tmp_path):
 def test_crash_between_rename_and_insert_leaves_no_row_and_cleanup_removes_folder(tmp_path):
     """A process dying after the rename but before the commit must leave no row pointing anywhere."""
     code = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(ROOT)!r})
+        import os, sys; sys.path.insert(0, {str(ROOT)!r})
         from rlhf.registry import Registry
         reg = Registry({str(tmp_path / 'runs')!r})
         s = reg.staging_dir('pretrain'); (s / 'w.bin').write_text('x')
-        reg.register('pretrain', s, parents=[], config={{}}, metrics={{}}, _crash_before_insert=True)
+        rename = os.replace
+        def rename_then_die(src, dst):  # the process dies right after the folder is renamed into place
+            rename(src, dst)
+            os._exit(17)
+        os.replace = rename_then_die
+        reg.register('pretrain', s, parents=[], config={{}}, metrics={{}})
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 17, res.stderr

@@ -110,7 +110,8 @@ def test_scores_do_not_change_with_extra_right_padding_or_batching(resumed_regis
     never change it, and it equals the score head applied to the final hidden state there (the seq-cls
     pooling is right)."""
     from rlhf.models import load_model, load_tokenizer
-    from rlhf.reward_model import last_token_scores, right_pad, score_ids
+    from rlhf.reward_model import last_token_scores, score_ids
+    from rlhf.sequences import right_pad
 
     (rm,) = entries(resumed_registry["registry"], "reward")
     tokenizer = load_tokenizer(str(rm.path))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import subprocess
 import sys
@@ -12,13 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_script
 from rlhf.errors import ConfigError
-from rlhf.safety import (
-    expected_max_toxicity,
-    load_scorer,
-    toxicity_probability,
-    toxicity_stats,
-)
+from rlhf.safety import load_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["toxic", "insult", "threat"]  # detoxify's raw names; it renames toxic -> toxicity
@@ -212,25 +207,8 @@ def test_named_detoxify_offline_gives_actionable_error(tmp_path, monkeypatch):
         load_scorer("detoxify:unbiased", device="cpu")
 
 
-def test_toxicity_measures_by_hand():
-    scores = np.array([[0.1, 0.7, 0.2], [0.0, 0.3, 0.4]])  # 2 prompts x 3 samples
-    assert expected_max_toxicity(scores) == pytest.approx((0.7 + 0.4) / 2)
-    assert toxicity_probability(scores, 0.5) == pytest.approx(0.5)
-    assert toxicity_probability(scores, 0.3) == pytest.approx(1.0)  # >= threshold counts
-    stats = toxicity_stats(scores, threshold=0.5)
-    assert stats == pytest.approx(
-        {"toxicity_mean": 1.7 / 6, "toxicity_rate": 1 / 6, "expected_max_toxicity": 0.55, "toxicity_probability": 0.5}
-    )
-    assert toxicity_stats([0.2, 0.6]) == pytest.approx({"toxicity_mean": 0.4, "toxicity_rate": 0.5})
-    with pytest.raises(ValueError):
-        toxicity_stats([])
-
-
 def _fetch_assets():
-    spec = importlib.util.spec_from_file_location("fetch_assets", REPO / "scripts" / "fetch_assets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/fetch_assets.py")
 
 
 def test_fetch_assets_lists_hub_ids_and_fails_cleanly_offline(tmp_path, monkeypatch, capsys):

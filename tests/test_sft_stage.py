@@ -7,15 +7,13 @@ never leak between tests; the full-mode run is shared by the tests that only rea
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from torch.testing import assert_close as torch_testing_assert_close
 
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
 from rlhf import chat_format
 from rlhf.registry import Entry, Registry
 
@@ -289,12 +287,7 @@ def test_qlora_runs_end_to_end_on_cpu(pretrained_registry, tiny_data, tmp_path):
 
 def _sft_module():
     """stages/01_sft.py as a module, to drive its command line in-process (the heavy imports are paid once)."""
-    name = "_stage01_sft"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "stages" / "01_sft.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    return load_script("stages/01_sft.py", reuse=True)
 
 
 def _fake_reward_entry(reg: Path) -> Entry:

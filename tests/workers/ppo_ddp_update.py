@@ -26,9 +26,10 @@ def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_leng
     from safetensors.torch import save_file
 
     from conftest import load_stage
-    from rlhf.actor_critic import build_actor_critic
+    from rlhf.ppo.actor_critic import build_actor_critic
     from rlhf.models import load_tokenizer
-    from rlhf.ppo import ppo_update
+    from rlhf.ppo.rollout import Rollout
+    from rlhf.ppo.update import ppo_update
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -38,13 +39,13 @@ def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_leng
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
     ac = build_actor_critic(model_dir, tok, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
-                            reward_adapter=None, reward_head=None, separate_reward=None, device=torch.device("cpu"),
+                            reward_dir=None, separate_reward=None, device=torch.device("cpu"),
                             fuse_roles=fuse_roles)
     assert ac.fused == fuse_roles, ac.unfused_reason
     params = [p for _, p in ac.trainable_named_parameters()]
 
     # A fixed global rollout: 8 rows, prompts left-padded to 5 tokens and responses right-padded to 6, both
-    # ragged, so micro-batches of one row and of several drop different padding columns (rlhf.ppo.trim_columns).
+    # ragged, so micro-batches of one row and of several drop different padding columns (rlhf.sequences.trim_columns).
     g = torch.Generator().manual_seed(1)
     B, P, R = 8, 5, 6
     qr = torch.randint(10, len(tok) - 10, (B, P + R), generator=g)
@@ -53,24 +54,25 @@ def main(model_dir: str, out: str, micro_batch: int | None = None, group_by_leng
     pmask = (torch.arange(P)[None] >= P - prompt_lengths[:, None]).long()
     mask = (torch.arange(R)[None] < lengths[:, None]).long()
     qr = qr.masked_fill(torch.cat([pmask, mask], 1) == 0, tok.pad_token_id)
-    batch = {"query_responses": qr, "attention_mask": torch.cat([pmask, mask], 1),
-             "responses": qr[:, P:], "mask": mask, "P": P,
-             "logprobs": -torch.rand(B, R, generator=g) - 3, "values": torch.randn(B, R, generator=g)}
+    logprobs, values = -torch.rand(B, R, generator=g) - 3, torch.randn(B, R, generator=g)
     advantages, returns = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g)
     rows = torch.arange(rank, B, world)
-    local = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in batch.items()}
+    am = torch.cat([pmask, mask], 1)
+    local = Rollout(query_responses=qr[rows], attention_mask=am[rows], responses=qr[rows, P:], mask=mask[rows],
+                    logprobs=logprobs[rows], ref_logprobs=logprobs[rows], values=values[rows],
+                    has_eos=torch.ones(len(rows), dtype=torch.bool), prompt_width=P, rm_scores=None)
 
     micro = micro_batch or len(rows) // 2
     cfg = ppo.PPOStageConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=len(rows) // micro,
                              num_mini_batches=1, num_ppo_epochs=2, total_episodes=B, learning_rate=1e-2,
                              group_by_length=group_by_length)
-    sizes = ppo.derive_sizes(cfg, world)
+    settings = ppo.update_settings(cfg, ppo.derive_sizes(cfg, world))
     # Plain SGD: the update is then linear in the gradients, so a wrongly scaled micro-batch loss shows (Adam's
     # first steps are scale-free) and float rounding is not blown up where a gradient is near Adam's eps.
     opt = torch.optim.SGD(params, lr=cfg.learning_rate)
     before = {k: v.clone() for k, v in ac.trainable_state_dict().items()}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ppo_update(ac, opt, sched, params, local, advantages[rows], returns[rows], cfg, sizes, step_seed=0)
+    ppo_update(ac, opt, sched, params, local, advantages[rows], returns[rows], settings, step_seed=0)
     if rank == 0:
         save_file({k: v - before[k] for k, v in ac.trainable_state_dict().items()}, out)
     if world > 1:

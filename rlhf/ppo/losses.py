@@ -2,7 +2,7 @@
 
 Nothing here knows about models, configs or processes: every function takes
 tensors and floats and returns tensors (and, for the losses, a dict of detached
-scalar statistics). `stages/03_ppo.py` composes them; `tests/test_ppo_math.py`
+scalar statistics). `rlhf/ppo/rewards.py` and `update.py` compose them; `tests/test_ppo_math.py`
 checks them against values worked out by hand.
 
 Symbols (the same names mean the same thing in the stage script):
@@ -29,8 +29,8 @@ Logits must already be divided by the sampling temperature before they reach
 `logprobs_from_logits` / `entropy_from_logits`, otherwise the KL is wrong.
 
 References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE),
-Ziegler et al. 2019 (adaptive KL, arXiv:1909.08593), http://joschu.net/blog/kl-approx.html
-(KL estimators), Dai et al. 2023 (Safe-RLHF, Lagrangian cost constraint).
+http://joschu.net/blog/kl-approx.html (KL estimators). The adaptive β and the toxicity
+multiplier are in `rlhf/ppo/controllers.py`.
 """
 
 from __future__ import annotations
@@ -275,99 +275,3 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
         return math.nan
     var_residual = masked_var(returns - values, mask, unbiased=False).item()
     return 1.0 - var_residual / var_returns
-
-
-# --------------------------------------------------------------------------- controllers
-
-
-def _load_value(state: dict[str, float], owner: str) -> float:
-    if "value" not in state:
-        raise ValueError(f"{owner}.load_state_dict: missing key 'value' in {sorted(state)}")
-    return float(state["value"])
-
-
-class FixedKLController:
-    """A constant KL coefficient β; `update` does nothing."""
-
-    def __init__(self, value: float):
-        self.value = float(value)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """Keep β as it is (same signature as the adaptive controller)."""
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = _load_value(state, type(self).__name__)
-
-
-class AdaptiveKLController:
-    """Ziegler et al. 2019 (arXiv:1909.08593, §2.2): steer β so the observed KL tracks `target`.
-
-        e = clip(KL/target − 1, −0.2, 0.2),   β ← β·(1 + e·n_steps/horizon)
-
-    β grows when the KL is above target and shrinks when below; `horizon` (in
-    episodes) sets how fast.
-    """
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        if target <= 0 or horizon <= 0:
-            raise ValueError(
-                f"AdaptiveKLController needs target > 0 and horizon > 0, got target={target}, horizon={horizon}"
-            )
-        self.value = float(init_kl_coef)
-        self.target = float(target)
-        self.horizon = float(horizon)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """Move β after `n_steps` episodes whose mean KL was `current_kl`."""
-        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = _load_value(state, type(self).__name__)
-
-
-class LagrangeController:
-    """Lagrange multiplier for the constraint mean toxicity ≤ `budget` (Safe-RLHF's idea).
-
-        λ ← clip(λ + lr·(mean_toxicity − budget), 0, max_value)
-
-    Gradient ascent on the constraint violation: λ rises while over budget, falls
-    (never below 0) while under it; `max_value` bounds it.
-    """
-
-    def __init__(self, init: float, budget: float, lr: float, max_value: float):
-        if not 0.0 <= init <= max_value:
-            raise ValueError(
-                f"LagrangeController needs 0 <= init <= max_value, got init={init}, max_value={max_value}"
-            )
-        self.value = float(init)
-        self.budget = float(budget)
-        self.lr = float(lr)
-        self.max_value = float(max_value)
-
-    def update(self, mean_toxicity: float) -> None:
-        """One ascent step on λ·(mean_toxicity − budget)."""
-        stepped = self.value + self.lr * (mean_toxicity - self.budget)
-        self.value = min(max(stepped, 0.0), self.max_value)
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = _load_value(state, type(self).__name__)
-
-
-# --------------------------------------------------------------------------- batch arithmetic
-
-
-def exact_div(a: int, b: int, what: str) -> int:
-    """a // b, raising ValueError naming `what` when b does not divide a (openai/lm-human-preferences)."""
-    if b == 0 or a % b != 0:
-        raise ValueError(f"{what}: {a} is not divisible by {b}; choose sizes where it is")
-    return a // b

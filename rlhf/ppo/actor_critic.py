@@ -29,27 +29,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """(B, T) positions counting real tokens only, as `generate` does for left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from rlhf.quant import adapters_off, dequantized_4bit, lora_layers, mixed_lora_hook
+from rlhf.sequences import last_token_index, position_ids
 
 
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """(B,) index of each row's last real token (rows are left-padded then right-padded)."""
-    T = attention_mask.shape[1]
-    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    return (positions * attention_mask.long()).argmax(dim=1)
+def load_head(reward_dir: Path, hidden: int, device: torch.device) -> nn.Linear:
+    """A reward entry's scalar score head (`rlhf.reward_model.load_score_head`) as an `nn.Linear(H, 1)`."""
+    from rlhf.reward_model import load_score_head
 
-
-def load_head(path: Path, hidden: int, device: torch.device) -> nn.Linear:
-    """A scalar head from `score_head.safetensors` (`weight` (1, H), optional `bias` (1,))."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
+    tensors = load_score_head(reward_dir)
     head = nn.Linear(hidden, 1, bias="bias" in tensors)
     with torch.no_grad():
         head.weight.copy_(tensors["weight"].reshape(1, hidden).float())
@@ -75,13 +65,11 @@ class ActorCritic(nn.Module):
         self.reward_head = reward_head
         self.separate_reward = separate_reward
         self.fused = False
-        self.dequantize_for_generation = False  # see rlhf.models.dequantized_4bit
+        self.dequantize_for_generation = False  # see rlhf.quant.dequantized_4bit
         if reward_head is not None:
             reward_head.requires_grad_(False)
         self._trainable = [p for _, p in self.trainable_named_parameters()]
-        from peft.tuners.lora import LoraLayer
-
-        self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self._lora_layers = lora_layers(model)
 
     # -------------------------------------------------------------- parameters
 
@@ -154,8 +142,6 @@ class ActorCritic(nn.Module):
         return self.reward_head(h[torch.arange(h.shape[0], device=h.device), last].float()).squeeze(-1)
 
     def generate(self, **kwargs: Any) -> Tensor:
-        from rlhf.models import dequantized_4bit
-
         with self.role("policy"), dequantized_4bit(self.model, enabled=self.dequantize_for_generation):
             return self.model.generate(**kwargs)
 
@@ -168,28 +154,10 @@ class ActorCritic(nn.Module):
         whose output peft's mixed-adapter batches would modify in place): the base weights are read, and 4-bit
         ones dequantized, once for every role."""
         n, b = len(roles), ids.shape[0]
-
-        def add_lora(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
-            x = args[0] if args else kwargs["x"]
-            parts = []
-            for k, role in enumerate(roles):
-                part = out[k * b:(k + 1) * b]
-                if role is not None and role in module.lora_A:
-                    if role in module.lora_variant:
-                        raise NotImplementedError(f"a LoRA variant ({type(module.lora_variant[role]).__name__})")
-                    A, B = module.lora_A[role], module.lora_B[role]
-                    xk = x[k * b:(k + 1) * b].to(A.weight.dtype)
-                    if module.training:  # dropout is the identity in eval mode, which PPO runs in
-                        xk = module.lora_dropout[role](xk)
-                    # A and B are plain Linear layers: their weights directly, without a module call each.
-                    lora = F.linear(F.linear(xk, A.weight, A.bias), B.weight, B.bias)
-                    part = part + (lora * module.scaling[role]).to(out.dtype)
-                parts.append(part)
-            return torch.cat(parts)
-
-        handles = [m.register_forward_hook(add_lora, with_kwargs=True) for m in self._lora_layers]
+        hook = mixed_lora_hook(roles, b)
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._lora_layers]
         try:
-            with self._adapters_off():
+            with adapters_off(self._lora_layers):
                 self._trainable_requires_grad()  # set_adapter (generation) froze all adapters but the policy
                 out = self.model(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1),
                                  position_ids=position_ids(mask).repeat(n, 1), output_hidden_states=True,
@@ -198,22 +166,6 @@ class ActorCritic(nn.Module):
             for h in handles:
                 h.remove()
         return out.hidden_states[-1].unflatten(0, (n, b))
-
-    @contextmanager
-    def _adapters_off(self) -> Iterator[None]:
-        """Every LoRA layer computes its base layer only: what peft's `disable_adapter()` does for this model
-        (its flag `disable_adapters`), on the layers listed once. peft's own context manager walks every module
-        and checks the model's status on each call, and re-enabling resets which adapters require gradients;
-        neither is needed to switch a flag for one forward (~8 ms per call on the benchmark's tiny model)."""
-        for m in self._lora_layers:
-            m._disable_adapters = True
-        if self._lora_layers and self._lora_layers[0].disable_adapters is not True:  # a peft without that flag
-            raise NotImplementedError("this peft version's LoRA layers have no _disable_adapters flag")
-        try:
-            yield
-        finally:
-            for m in self._lora_layers:
-                m._disable_adapters = False
 
     def _trainable_requires_grad(self) -> None:
         if torch.is_grad_enabled():
@@ -332,18 +284,21 @@ def build_actor_critic(
     lora_r: int,
     lora_alpha: int,
     lora_target_modules: str,
-    reward_adapter: Path | None,
-    reward_head: Path | None,
+    reward_dir: Path | None,
     separate_reward: Any | None,
     device: torch.device,
     value_lora_r: int | None = None,
     trust_remote_code: bool = False,
     fuse_roles: bool = False,
 ) -> ActorCritic:
-    """Load the base once and attach the adapters (see module docstring)."""
+    """Load the base once and attach the adapters (see module docstring). `reward_dir`: a reward entry's folder
+    of kind "adapter" on this same base (its adapter and score head become the reward and the critic's start);
+    None: the reward model is `separate_reward` (or absent) and the critic starts fresh."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.models import fit_embeddings, load_model, lora_targets, set_cpu_4bit_packing
+    from rlhf import quant
+    from rlhf.models import fit_embeddings, load_model, lora_targets
+    from rlhf.reward_model import adapter_dir
 
     base = load_model(sft_path, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
     fit_embeddings(base, tokenizer)
@@ -354,15 +309,16 @@ def build_actor_critic(
                       target_modules=lora_targets(lora_target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(base, lora, adapter_name="policy")
     hidden = base.get_input_embeddings().weight.shape[1]
-    if reward_adapter is not None:
+    if reward_dir is not None:
+        reward_adapter = adapter_dir(reward_dir)
         copy = value_lora_r is None or value_lora_r == adapter_rank(reward_adapter)
         if copy:
             model.load_adapter(str(reward_adapter), adapter_name="value", is_trainable=True)
         model.load_adapter(str(reward_adapter), adapter_name="reward", is_trainable=False)
         if not copy:
             widen_adapter(model, "reward", "value", value_lora_r)
-        value_head = load_head(reward_head, hidden, device)
-        frozen_head = load_head(reward_head, hidden, device)
+        value_head = load_head(reward_dir, hidden, device)
+        frozen_head = load_head(reward_dir, hidden, device)
     else:
         model.add_adapter("value", lora if value_lora_r is None else LoraConfig(
             r=value_lora_r, lora_alpha=lora_alpha * value_lora_r / lora_r, lora_dropout=0.0,
@@ -374,9 +330,13 @@ def build_actor_critic(
     # Dropout stays off for the whole run (PPO's ratios assume the same network at rollout and update);
     # evaluating and then training a 4-bit layer on this CPU needs packing off (see set_cpu_4bit_packing).
     model.eval()
-    set_cpu_4bit_packing(model, enabled=False)
+    quant.set_cpu_4bit_packing(model, enabled=False)
     ac = ActorCritic(model, value_head, frozen_head, separate_reward)
     # Why the roles run one forward each (None: they share forwards), for the stage's log.
-    ac.unfused_reason = (ac.check_fused(base.get_input_embeddings().weight.shape[0], device) if fuse_roles
-                         else "fuse_roles is off")
+    if not fuse_roles:
+        ac.unfused_reason = "fuse_roles is off"
+    elif quant.PEFT_UNTESTED:  # the fused forward reads peft's LoRA internals
+        ac.unfused_reason = quant.PEFT_UNTESTED
+    else:
+        ac.unfused_reason = ac.check_fused(base.get_input_embeddings().weight.shape[0], device)
     return ac

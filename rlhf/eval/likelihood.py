@@ -14,10 +14,8 @@ def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: 
     import numpy as np
     import torch
 
-    from rlhf.actor_critic import position_ids
-    from rlhf.generation import left_pad
-    from rlhf.ppo_math import logprobs_from_logits
-    from rlhf.reward_model import right_pad
+    from rlhf.ppo.losses import logprobs_from_logits
+    from rlhf.sequences import left_pad, position_ids, right_pad
 
     dev = next(model.parameters()).device
     sums = []
@@ -53,8 +51,8 @@ def assistant_nll(model, tokenizer, dialogues: list[dict], max_length: int, batc
     """(Σ −log p, number of tokens) over the assistant tokens of the dialogues (first max_length tokens each)."""
     import torch
 
-    from rlhf.ppo_math import logprobs_from_logits
-    from rlhf.reward_model import right_pad
+    from rlhf.ppo.losses import logprobs_from_logits
+    from rlhf.sequences import right_pad
 
     dev = next(model.parameters()).device
     encoded = [assistant_token_mask(tokenizer, d["messages"]) for d in dialogues]
