@@ -30,7 +30,7 @@ C = TypeVar("C")
 _SECRET_WORDS = ("token", "secret", "password", "api_key")
 # How a run is driven, not what it trains: left out of the run's key and of the entry's recorded config (an
 # absolute registry folder would tie a moved or shared registry to one machine).
-RUN_FLAGS = ("registry", "resume", "reuse")
+RUN_FLAGS = ("registry", "resume", "reuse", "verbose")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -52,9 +52,26 @@ class StageConfig:
         "(scripts/run_pipeline.py passes it unless --force).",
         default=False,
     )
+    verbose: bool = _help(
+        "Show every warning, including the known ones that say nothing actionable (rlhf.console lists them and "
+        "why), and in a run of several processes every process's start-up lines, prefixed by its rank.",
+        default=False,
+    )
+    on_invalid: str = _help(
+        "Invalid data records: 'error' refuses the source naming each problem (FILE:LINE); 'skip' trains on the "
+        "valid ones, logs how many were dropped and why, and records the count in the entry.", default="error")
 
     def validate(self) -> None:
-        """Cross-field checks; subclasses extend it and raise ConfigError."""
+        """Cross-field checks; subclasses extend it (calling this one) and raise ConfigError."""
+        if self.on_invalid not in ("error", "skip"):
+            raise ConfigError(f"on_invalid must be error or skip, got {self.on_invalid!r}")
+
+    def require(self, *names: str) -> None:
+        """Fields the stage cannot run without (no default names anyone's data)."""
+        for name in names:
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: not set; give it in the config file ({name}: ...) or as --{name} "
+                                  f"({type(self).__doc__.strip().splitlines()[0]})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,8 +106,19 @@ class TrainerStageConfig(StageConfig):
     logging_steps: int = _help("Log every N steps (progress bar, TensorBoard).", default=10)
     save_steps: int = _help("Write a resumable checkpoint every N steps.", default=100)
     trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
+    data: str = _help("Training data: .jsonl/.json/.parquet file or hub dataset id.", default="")
+    data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
+    eval_data: str = _help("Held-out data (file or hub id). Unset: a seeded `eval_fraction` of `data` is held out "
+                           "instead (logged, and recorded in the entry).", default="")
+    eval_split: str = _help("Split to read when `eval_data` is a hub dataset.", default="test")
+    eval_fraction: float = _help("Without eval_data: share of `data` held out for evaluation (at least 8 and at most "
+                                 "1000 records, never more than half).", default=0.05)
 
     def validate(self) -> None:
+        super().validate()
+        self.require("data")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         check_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from rlhf.data_formats import ADAPTERS, SCHEMAS, Adapter, Record, plural, validate_record
 from rlhf.data_sources import Item, is_local, iter_file, iter_hub
@@ -31,11 +31,24 @@ DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 
 
 class FileReport(NamedTuple):
-    """What validating one source found: records read, problem lines (bounded), problems in all."""
+    """What validating one source found: records read, problem lines (bounded), problems in all, and how many
+    records (or unreadable lines) had at least one problem."""
 
     records: int
     problems: list[str]
     total_problems: int
+    bad_records: int = 0
+
+
+ON_INVALID = ("error", "skip")
+
+
+class Loaded(NamedTuple):
+    """A source's valid records, and what `on_invalid: skip` dropped: how many, and the first reasons."""
+
+    records: list[Record]
+    skipped: int
+    problems: list[str]
 
 
 def _check(
@@ -50,10 +63,12 @@ def _check(
         raise ValueError(f"unknown schema {schema!r}, expected one of {', '.join(SCHEMAS)}")
     convert = _adapter(adapter)
     records, total, problems = 0, 0, []
+    bad: set[str] = set()  # locations (FILE:LINE, hub rows) of records with at least one problem
 
     def report(location: str, message: str) -> None:
         nonlocal total
         total += 1
+        bad.add(location)
         if len(problems) < max_problems:
             problems.append(f"{location}: {message}")
 
@@ -79,7 +94,7 @@ def _check(
             keep.append(record)
     if total > len(problems):
         problems.append(f"... and {plural(total - len(problems), 'more problem')}")
-    return FileReport(records, problems, total)
+    return FileReport(records, problems, total, len(bad))
 
 
 def _adapter(name: str | None) -> Adapter | None:
@@ -130,6 +145,23 @@ def load_records(
     Raises DataError when the source is missing or unreachable, or when any record
     is invalid; its message is `N problems in SOURCE` followed by the problem lines.
     """
+    return read_records(source, schema, split=split, adapter=adapter, max_problems=max_problems).records
+
+
+def read_records(
+    source: str | os.PathLike[str],
+    schema: str,
+    *,
+    split: str = "train",
+    adapter: str | None = None,
+    max_problems: int = 20,
+    on_invalid: str = "error",
+) -> Loaded:
+    """`load_records`, with a choice for invalid records: `on_invalid="error"` refuses the source (DataError naming
+    every problem, up to `max_problems`), `"skip"` drops them and says how many and why (real hub datasets hold a
+    few empty or identical pairs). A source with no valid record at all is refused either way."""
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
     source = os.fspath(source)
     if is_local(source):
         if not Path(source).expanduser().exists():
@@ -142,10 +174,51 @@ def load_records(
         label, items = f"hub:{source}@{split}", iter_hub(source, split)
     records: list[Record] = []
     report = _check(items, schema, adapter, max_problems, keep=records)
-    if report.problems:
+    if report.problems and (on_invalid == "error" or not records):
         summary = f"{plural(report.total_problems, 'problem')} in {label} ({schema} schema)"
+        if records == [] and on_invalid == "skip":
+            summary += "; no valid record left to keep"
         raise DataError("\n".join([summary, *report.problems]), report.problems)
-    return records
+    return Loaded(records, report.bad_records, report.problems)
+
+
+def holdout_split(records: list[Record], fraction: float, seed: int, *, min_rows: int = 8,
+                  max_rows: int = 1000) -> tuple[list[Record], list[Record], dict[str, Any]]:
+    """(train, held-out, what to record) from one list: a seeded random `fraction` of the records held out, at least
+    `min_rows` and at most `max_rows` of them, and never more than half. The record holds the fraction, seed, row
+    counts and a fingerprint of each part, so the split can be checked or rebuilt from the same data and seed.
+
+    >>> train, held, info = holdout_split([{"text": str(i)} for i in range(40)], 0.05, seed=0)
+    >>> len(train), len(held), info["eval_rows"]
+    (32, 8, 8)
+    """
+    import random
+
+    n = len(records)
+    if n < 2:
+        raise DataError(f"{n} record(s): too few to hold some out for evaluation; pass eval_data")
+    n_eval = min(max(round(fraction * n), min_rows), max_rows, n // 2)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:n_eval])
+    held_set = set(held)
+    train = [r for i, r in enumerate(records) if i not in held_set]
+    eval_records = [records[i] for i in held]
+    info = {"fraction": fraction, "seed": seed, "train_rows": len(train), "eval_rows": len(eval_records),
+            "train_fingerprint": records_fingerprint(train), "eval_fingerprint": records_fingerprint(eval_records)}
+    return train, eval_records, info
+
+
+def records_fingerprint(records: list[Record]) -> str:
+    """sha256 (hex) of records as canonical JSON, one per line: equal for the same records in the same order."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 def fingerprint(source: str | os.PathLike[str], split: str = "train") -> str:

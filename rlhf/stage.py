@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf import console
 from rlhf.config import public_config
 from rlhf.errors import UserError
 from rlhf.registry import Entry, Registry
@@ -32,8 +33,10 @@ def is_main_process() -> bool:
 
 
 def log(msg: str) -> None:
-    if is_main_process():
-        print(msg, file=sys.stderr, flush=True)
+    """A start-up or progress line on stderr: process 0's only; with --verbose every process's, prefixed by its
+    rank in a run of several (rlhf.console)."""
+    if is_main_process() or console.verbose():
+        print(console.with_rank(msg), file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -83,6 +86,51 @@ def begin(stage: str, cfg: Any, inputs: dict[str, str]) -> StageRun:
         ckpt = run.last_checkpoint()
         log(f"[{stage}] resuming from {ckpt}" if ckpt else f"[{stage}] --resume: no checkpoint yet, starting fresh")
     return run
+
+
+def read_data(stage: str, source: str, schema: str, *, split: str = "train", adapter: str | None = None,
+              on_invalid: str = "error") -> tuple[list[dict[str, Any]], int]:
+    """(valid records, how many invalid ones were skipped) of a stage's data source (`rlhf.data.read_records`);
+    with `on_invalid: skip` the count and the first reasons go to the log."""
+    from rlhf.data import read_records
+
+    loaded = read_records(source, schema, split=split, adapter=adapter, on_invalid=on_invalid)
+    if loaded.skipped:
+        first = "; ".join(loaded.problems[:3])
+        log(f"[{stage}] {source}: skipped {loaded.skipped} invalid record(s) of {loaded.skipped + len(loaded.records)} "
+            f"(on_invalid: skip); first: {first}")
+    return loaded.records, loaded.skipped
+
+
+@dataclass
+class TrainEval:
+    """A Trainer stage's training and held-out records, what identifies them, and what its entry records."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    fingerprints: dict[str, str]  # of the sources: part of the run's key and the entry's data fingerprints
+    recorded: dict[str, Any]  # for the entry's config: `heldout_split` (None with eval_data) and `data_skipped`
+
+
+def train_eval_data(stage: str, cfg: Any, schema: str, adapter: str | None = None) -> TrainEval:
+    """`cfg.data`, and `cfg.eval_data` or, without it, a seeded `cfg.eval_fraction` of `cfg.data` held out
+    (`rlhf.data.holdout_split`; said in the log and recorded in the entry). Reads the fields `data`, `data_split`,
+    `eval_data`, `eval_split`, `eval_fraction`, `seed` and `on_invalid` of `cfg`."""
+    from rlhf.data import fingerprint, holdout_split
+
+    train, skipped = read_data(stage, cfg.data, schema, split=cfg.data_split, adapter=adapter, on_invalid=cfg.on_invalid)
+    fingerprints = {"data": fingerprint(cfg.data, cfg.data_split)}
+    recorded: dict[str, Any] = {"data_skipped": {"data": skipped}}
+    if cfg.eval_data:
+        held_out, recorded["data_skipped"]["eval_data"] = read_data(
+            stage, cfg.eval_data, schema, split=cfg.eval_split, adapter=adapter, on_invalid=cfg.on_invalid)
+        fingerprints["eval_data"] = fingerprint(cfg.eval_data, cfg.eval_split)
+        return TrainEval(train, held_out, fingerprints, {**recorded, "heldout_split": None})
+    n = len(train)
+    train, held_out, info = holdout_split(train, cfg.eval_fraction, cfg.seed)
+    log(f"[{stage}] no eval_data: {info['eval_rows']} of the {n} records of {cfg.data} held out for evaluation "
+        f"(eval_fraction {cfg.eval_fraction}, seed {cfg.seed}; recorded in the entry)")
+    return TrainEval(train, held_out, fingerprints, {**recorded, "heldout_split": {"source": "data", **info}})
 
 
 def trainer_kwargs(cfg: Any, run: StageRun) -> dict[str, Any]:

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.5, help="filter replies scoring >= this (default 0.5)")
     parser.add_argument("--refusal", default=REFUSAL, help=f"text shown instead of a filtered reply ({REFUSAL!r})")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every warning, also the known ones that say nothing actionable (rlhf.console)")
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         raise ConfigError("need --temperature >= 0, 0 < --top_p <= 1 and --max_new_tokens >= 1")
@@ -146,4 +148,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
 
 
 if __name__ == "__main__":
+    from rlhf import console  # quiet console (--verbose: all), before the heavy imports of main
+
+    console.install(verbose="--verbose" in sys.argv[1:])
     run_cli(main)

@@ -115,4 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from rlhf import console  # quiet console: known library warnings that say nothing actionable are hidden
+
+    console.install()
     run_cli(main)

@@ -4,8 +4,9 @@
 
 Each stage runs as `python stages/0N_*.py --config <its yaml> --registry R --seed S --reuse`,
 so a stage whose config and inputs are unchanged returns its registered entry instead of
-training again; `--force` drops `--reuse`. Stages whose script or config is not there are
-skipped with a note. A failing stage stops the pipeline with its exit code.
+training again; `--force` drops `--reuse`; `--verbose` is passed on to every stage (all warnings, rlhf.console).
+Stages whose script or config is not there are skipped with a note. A failing stage stops the pipeline with its
+exit code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rlhf import console  # noqa: E402
 from rlhf.errors import ConfigError, run_cli  # noqa: E402
 
 STAGE_SCRIPTS = {
@@ -52,7 +54,10 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="retrain every stage even when an identical entry exists")
     parser.add_argument("--only", help="comma-separated stages to run (default: all in the config)")
     parser.add_argument("--registry", help="override the registry folder of the config")
+    parser.add_argument("--verbose", action="store_true",
+                        help="every stage shows all warnings, also the known ones that say nothing actionable")
     args = parser.parse_args()
+    console.install(verbose=args.verbose)  # this process's own; each stage installs its own, with --verbose passed on
 
     cfg = load_pipeline(Path(args.config))
     registry = args.registry or cfg.get("registry", "runs")
@@ -86,6 +91,8 @@ def main() -> None:
         cmd = [sys.executable, str(script), "--config", stage_cfg, "--registry", registry, "--seed", seed]
         if not args.force:
             cmd.append("--reuse")
+        if args.verbose:
+            cmd.append("--verbose")
         print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         rc = subprocess.call(cmd, cwd=ROOT, env=env)

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from rlhf import console  # quiet console: known library warnings that say nothing actionable are hidden
+
+    console.install()
     # Problem lines quote the data; never fail on a terminal that cannot show it.
     sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[attr-defined]
     try:

@@ -28,7 +28,7 @@ from rlhf.errors import ConfigError, run_cli  # noqa: E402
 class PretrainConfig(StageConfig):
     """Stage 00: pre-train (or continue pre-training) a causal LM on a `text` dataset."""
 
-    data: str = _help("Text data: a .jsonl/.json/.parquet file of {\"text\": str} or a hub dataset id.", default="data/demo/pretrain.jsonl")
+    data: str = _help("Text data: a .jsonl/.json/.parquet file of {\"text\": str} or a hub dataset id.", default="")
     data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
     model: str | None = _help("Continue training this model (registry ref, folder, hub id) instead of starting from scratch.", default=None)
     vocab_size: int = _help("From scratch: BPE vocabulary size (special tokens included).", default=2048)
@@ -49,6 +49,8 @@ class PretrainConfig(StageConfig):
     trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
 
     def validate(self) -> None:
+        super().validate()
+        self.require("data")
         check_positive(self, "vocab_size", "n_layer", "n_embd", "n_head", "block_size",
                        "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                        "logging_steps", "save_steps")
@@ -96,13 +98,13 @@ def pack(texts: list[str], tokenizer, block_size: int) -> list[list[int]]:
 
 
 def main(cfg: PretrainConfig) -> None:
-    from rlhf.data import fingerprint, load_records
+    from rlhf.data import fingerprint
     from rlhf.models import fit_embeddings, load_model, load_tokenizer, resolve_model
     from rlhf.registry import Registry
-    from rlhf.stage import begin, finish, log, trainer_kwargs, trainer_metrics
+    from rlhf.stage import begin, finish, log, read_data, trainer_kwargs, trainer_metrics
 
     # 1. Inputs: validated text records and (optionally) the model to continue from.
-    records = load_records(cfg.data, "text", split=cfg.data_split)
+    records, skipped = read_data("pretrain", cfg.data, "text", split=cfg.data_split, on_invalid=cfg.on_invalid)
     texts = [r["text"] for r in records]
     base = resolve_model(cfg.model, Registry(cfg.registry)) if cfg.model else None
     inputs = {"data": fingerprint(cfg.data), "model": base.entry.ref if base and base.entry else str(cfg.model)}
@@ -155,8 +157,11 @@ def main(cfg: PretrainConfig) -> None:
     metrics = {**trainer_metrics(train_out, eval_loss), "n_params": n_params,
                "train_tokens": len(train_ds) * cfg.block_size}
     finish(run, staged, cfg, parents=base.parents if base else [], metrics=metrics,
-           data_fingerprints={"data": inputs["data"]}, extra_config={"base_model": cfg.model})
+           data_fingerprints={"data": inputs["data"]},
+           extra_config={"base_model": cfg.model, "data_skipped": {"data": skipped}})
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_config(PretrainConfig)))
+    from rlhf import console  # quiet console (--verbose: all), before the heavy imports of main
+
+    run_cli(lambda: main(console.setup(parse_config(PretrainConfig))))

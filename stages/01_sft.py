@@ -31,10 +31,6 @@ class SFTStageConfig(TrainerStageConfig):
     """Stage 01: supervised fine-tuning of a causal LM on `dialogue` data."""
 
     model: str = _help("Starting model: registry ref (pretrain:latest), local folder or hub id.", default="pretrain:latest")
-    data: str = _help("Training dialogues: .jsonl/.json/.parquet file or hub dataset id.", default="data/demo/sft_train.jsonl")
-    data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
-    eval_data: str = _help("Held-out dialogues (file or hub id) for eval loss, perplexity, BLEU, ROUGE-L.", default="data/demo/sft_heldout.jsonl")
-    eval_split: str = _help("Split to read when `eval_data` is a hub dataset.", default="test")
     max_length: int = _help("Truncate tokenized dialogues to this many tokens.", default=256)
     gen_eval_samples: int = _help("Held-out dialogues used for BLEU/ROUGE-L (0: skip).", default=64)
     max_new_tokens: int = _help("Reply length for the BLEU/ROUGE-L evaluation.", default=48)
@@ -74,19 +70,17 @@ def merge_lora(base_path: str, adapter_dir: Path, tokenizer, trust_remote_code: 
 
 
 def main(cfg: SFTStageConfig) -> None:
-    from rlhf.data import fingerprint, load_records
     from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
                              trainable_to_compute_dtype)
     from rlhf.quant import set_cpu_4bit_packing
     from rlhf.registry import Registry
-    from rlhf.stage import begin, finish, log, trainer_kwargs, trainer_metrics
+    from rlhf.stage import begin, finish, log, train_eval_data, trainer_kwargs, trainer_metrics
 
-    # 1. Inputs: the starting model and validated dialogues.
+    # 1. Inputs: the starting model and validated dialogues (held-out ones from eval_data or a split of data).
     base = resolve_model(cfg.model, Registry(cfg.registry), stages=("pretrain", "sft"))
-    train_records = load_records(cfg.data, "dialogue", split=cfg.data_split)
-    eval_records = load_records(cfg.eval_data, "dialogue", split=cfg.eval_split)
-    data_fps = {"data": fingerprint(cfg.data, cfg.data_split), "eval_data": fingerprint(cfg.eval_data, cfg.eval_split)}
-    run = begin("sft", cfg, {**data_fps, "model": base.entry.ref if base.entry else cfg.model})
+    data = train_eval_data("sft", cfg, "dialogue")
+    train_records, eval_records = data.train, data.eval
+    run = begin("sft", cfg, {**data.fingerprints, "model": base.entry.ref if base.entry else cfg.model})
     if run.reused:
         return
     from datasets import Dataset  # heavy imports after the inputs are known to be good: bad input fails in a second
@@ -133,9 +127,12 @@ def main(cfg: SFTStageConfig) -> None:
         metrics.update(generation_metrics(final_model, tokenizer, eval_records, cfg))
 
     # 6. Register with the starting model as parent (or its hub id in the config).
-    finish(run, staged, cfg, parents=base.parents, metrics=metrics, data_fingerprints=data_fps,
-           extra_config={"base_model": base.entry.ref if base.entry else cfg.model, "load_in_4bit": cfg.mode == "qlora"})
+    finish(run, staged, cfg, parents=base.parents, metrics=metrics, data_fingerprints=data.fingerprints,
+           extra_config={"base_model": base.entry.ref if base.entry else cfg.model, "load_in_4bit": cfg.mode == "qlora",
+                         **data.recorded})
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_config(SFTStageConfig)))
+    from rlhf import console  # quiet console (--verbose: all), before the heavy imports of main
+
+    run_cli(lambda: main(console.setup(parse_config(SFTStageConfig))))

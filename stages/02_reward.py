@@ -46,10 +46,6 @@ class RewardStageConfig(TrainerStageConfig):
     """Stage 02: train a scalar reward model on `preference` pairs."""
 
     model: str = _help("Starting model: registry ref (sft:latest, pretrain:<id>), local folder or hub id.", default="sft:latest")
-    data: str = _help("Training preference pairs: .jsonl/.json/.parquet file or hub dataset id.", default="data/demo/pref_train.jsonl")
-    data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
-    eval_data: str = _help("Held-out preference pairs (file or hub id) for eval_accuracy, eval_margin, reward_mean/std.", default="data/demo/pref_heldout.jsonl")
-    eval_split: str = _help("Split to read when `eval_data` is a hub dataset.", default="test")
     data_adapter: str | None = _help("Converter applied to both datasets first, for raw hub formats (e.g. 'hh-rlhf').", default=None)
     max_eval_pairs: int = _help("Score at most this many held-out pairs (-1: all).", default=-1)
     max_length: int = _help("Pairs whose chosen or rejected conversation is longer (tokens) are dropped from training.", default=512)
@@ -72,15 +68,12 @@ def lora_config(cfg: RewardStageConfig):
                       target_modules=lora_targets(cfg.lora_target_modules), modules_to_save=["score"])
 
 
-def load_pairs(source: str, split: str, adapter: str | None, limit: int = -1) -> list[dict]:
-    """Validated pairs in the explicit form {prompt, chosen, rejected} (implicit-prompt records are split)."""
-    from rlhf.data import load_records
+def explicit_pairs(records: list[dict]) -> list[dict]:
+    """Validated preference records in the explicit form {prompt, chosen, rejected} (implicit-prompt ones split)."""
     from rlhf.data_formats import split_implicit_prompt
 
-    records = load_records(source, "preference", split=split, adapter=adapter)
     pairs = [split_implicit_prompt(r) for r in records]
-    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected", "kind") if k in p} for p in pairs]
-    return pairs if limit < 0 else pairs[:limit]
+    return [{k: p[k] for k in ("prompt", "chosen", "rejected", "kind") if k in p} for p in pairs]
 
 
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int | None = None) -> dict[str, list[list[int]]]:
@@ -119,18 +112,18 @@ def save_reward_adapter(rm, base_path: str, tokenizer, folder: Path, load_in_4bi
 
 
 def main(cfg: RewardStageConfig) -> None:
-    from rlhf.data import fingerprint
     from rlhf.models import resolve_model
     from rlhf.registry import Registry
-    from rlhf.stage import begin, finish, log, trainer_kwargs
+    from rlhf.stage import begin, finish, log, train_eval_data, trainer_kwargs
 
-    # 1. Inputs: the starting model (a pretrain or sft entry, folder or hub id) and validated pairs.
+    # 1. Inputs: the starting model (a pretrain or sft entry, folder or hub id) and validated pairs (held-out ones
+    #    from eval_data or a split of data).
     base = resolve_model(cfg.model, Registry(cfg.registry), stages=("pretrain", "sft"))
-    train_pairs = load_pairs(cfg.data, cfg.data_split, cfg.data_adapter)
-    eval_pairs = load_pairs(cfg.eval_data, cfg.eval_split, cfg.data_adapter, cfg.max_eval_pairs)
-    data_fps = {"data": fingerprint(cfg.data, cfg.data_split), "eval_data": fingerprint(cfg.eval_data, cfg.eval_split)}
+    data = train_eval_data("reward", cfg, "preference", adapter=cfg.data_adapter)
+    train_pairs = explicit_pairs(data.train)
+    eval_pairs = explicit_pairs(data.eval)[: cfg.max_eval_pairs if cfg.max_eval_pairs > 0 else None]
     base_ref = base.entry.ref if base.entry else cfg.model
-    run = begin("reward", cfg, {**data_fps, "model": base_ref})
+    run = begin("reward", cfg, {**data.fingerprints, "model": base_ref})
     if run.reused:
         return
 
@@ -208,10 +201,12 @@ def main(cfg: RewardStageConfig) -> None:
     tokenizer.save_pretrained(staged)
 
     # 6. Register with the starting model as parent (or its hub id in the config).
-    finish(run, staged, cfg, parents=base.parents, metrics=metrics, data_fingerprints=data_fps,
+    finish(run, staged, cfg, parents=base.parents, metrics=metrics, data_fingerprints=data.fingerprints,
            extra_config={"reward_kind": "model" if peft_config is None else "adapter", "base_model": base_ref,
-                         "load_in_4bit": load_in_4bit})
+                         "load_in_4bit": load_in_4bit, **data.recorded})
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_config(RewardStageConfig)))
+    from rlhf import console  # quiet console (--verbose: all), before the heavy imports of main
+
+    run_cli(lambda: main(console.setup(parse_config(RewardStageConfig))))

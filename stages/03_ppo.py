@@ -54,7 +54,7 @@ class PPOStageConfig(StageConfig):
 
     sft_model: str = _help("Policy's starting point and the shared base: registry ref, folder or hub id.", default="sft:latest")
     reward_model: str = _help("Reward entry (reward:latest / reward:<id>).", default="reward:latest")
-    data: str = _help("Prompts (`prompt` schema): file or hub dataset id.", default="data/demo/prompts_train.jsonl")
+    data: str = _help("Prompts (`prompt` schema): file or hub dataset id.", default="")
     data_split: str = _help("Split to read when `data` is a hub dataset.", default="train")
     load_in_4bit: bool = _help("Load the shared base in 4-bit NF4 (false: full precision, same code).", default=True)
     lora_r: int = _help("LoRA rank of the policy (and of a fresh value adapter).", default=16)
@@ -120,6 +120,8 @@ class PPOStageConfig(StageConfig):
     trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
 
     def validate(self) -> None:
+        super().validate()
+        self.require("data")
         check_positive(self, "total_episodes", "per_device_train_batch_size", "gradient_accumulation_steps",
                        "num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length",
                        "temperature", "learning_rate", "lora_r", "save_steps", "logging_steps", "sample_steps")
@@ -173,6 +175,7 @@ class Inputs:
     rm_entry: Any  # rlhf.registry.Entry
     shares_base: bool
     prompts: list[dict]
+    skipped: int  # invalid prompt records dropped (on_invalid: skip)
     scorer: Any  # rlhf.safety.ToxicityScorer, chosen once: it never switches during the run
     data_fingerprints: dict[str, str]
 
@@ -188,11 +191,12 @@ class Inputs:
 def check_inputs(cfg: PPOStageConfig, registry: Any) -> Inputs:
     """Resolve the SFT base and the reward entry, read the prompts, load the toxicity scorer; refuse settings the
     models cannot satisfy before anything loads."""
-    from rlhf.data import fingerprint, load_records
+    from rlhf.data import fingerprint
     from rlhf.models import model_positions, resolve_model
     from rlhf.ppo.actor_critic import adapter_rank
     from rlhf.reward_model import adapter_dir
     from rlhf.safety import load_scorer
+    from rlhf.stage import read_data
 
     sft = resolve_model(cfg.sft_model, registry, stages=("sft", "pretrain"))
     rm_entry = registry.get(cfg.reward_model, stage="reward")
@@ -209,8 +213,9 @@ def check_inputs(cfg: PPOStageConfig, registry: Any) -> Inputs:
             raise ConfigError(f"value_lora_r ({cfg.value_lora_r}) is below the rank of {rm_entry.ref}'s adapter "
                               f"({rank}): the value adapter starts as a copy of it; use at least that rank, or "
                               f"leave value_lora_r unset")
-    return Inputs(sft, rm_entry, shares_base, prompts=load_records(cfg.data, "prompt", split=cfg.data_split),
-                  scorer=load_scorer(cfg.toxicity), data_fingerprints={"data": fingerprint(cfg.data, cfg.data_split)})
+    prompts, skipped = read_data("ppo", cfg.data, "prompt", split=cfg.data_split, on_invalid=cfg.on_invalid)
+    return Inputs(sft, rm_entry, shares_base, prompts=prompts, skipped=skipped, scorer=load_scorer(cfg.toxicity),
+                  data_fingerprints={"data": fingerprint(cfg.data, cfg.data_split)})
 
 
 def build_models(cfg: PPOStageConfig, inputs: Inputs, registry: Any, dev: Any) -> tuple[Any, Any, Any]:
@@ -306,8 +311,9 @@ def log_step(metrics: dict, texts: list[str], rewards: Any, step: int, cfg: PPOS
                      "kl": f"{metrics['objective/kl']:.2f}"})
     if step % cfg.sample_steps == 0:
         samples = list(zip(texts, rewards.score.tolist(), rewards.toxicity.tolist()))[:3]
-        for t, s, x in samples:
-            log(f"[ppo] sample (score {s:+.2f}, toxicity {x:.2f}): {t[:120]!r}")
+        with bar.external_write_mode(file=sys.stderr):  # above the progress bar, not on its line
+            for t, s, x in samples:
+                log(f"[ppo] sample (score {s:+.2f}, toxicity {x:.2f}): {t[:120]!r}")
         writer.add_text("samples", "\n\n".join(f"score {s:+.2f}, toxicity {x:.2f}: {t}" for t, s, x in samples), step)
 
 
@@ -315,7 +321,7 @@ def entry_config(cfg: PPOStageConfig, inputs: Inputs, ac: Any, sizes: Sizes) -> 
     """What the entry records beyond the config: resolved inputs, the scorer, how the base was loaded."""
     return {"sft_model": inputs.sft.entry.ref if inputs.sft.entry else cfg.sft_model,
             "reward_model": inputs.rm_entry.ref, "toxicity_scorer": inputs.scorer.describe(),
-            "reward_shares_base": inputs.shares_base,
+            "reward_shares_base": inputs.shares_base, "data_skipped": {"data": inputs.skipped},
             "base_loading": {"load_in_4bit": cfg.load_in_4bit, "quant_type": "nf4" if cfg.load_in_4bit else None,
                              "compute_dtype": str(ac.model.dtype) if hasattr(ac.model, "dtype") else None},
             "world_size": sizes.world_size, "batch_size": sizes.batch_size}
@@ -459,4 +465,6 @@ def main(cfg: PPOStageConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_config(PPOStageConfig)))
+    from rlhf import console  # quiet console (--verbose: all), before the heavy imports of main
+
+    run_cli(lambda: main(console.setup(parse_config(PPOStageConfig))))

@@ -8,7 +8,8 @@ entry and the `pretrain` entry at the root (labels ppo, sft, base); `--models
 label=ref,...` adds models (registry refs, folders or hub ids) or replaces a
 default label. Every model gets the same prompts, sampling settings and seed:
 K samples per prompt (sample j of prompt i is paired across models), greedy
-replies to held-out dialogues, and a forward pass over those dialogues.
+replies to held-out dialogues, and a forward pass over those dialogues. The held-out dialogues are
+`eval_data`, or the SFT entry's own: its eval_data, or the split of its training data it recorded.
 
 Measures (rlhf/eval/metrics.py; "per prompt, then the mean over prompts"):
 
@@ -57,9 +58,9 @@ class CompareStageConfig(StageConfig):
                         "labels base/sft/ppo replace the defaults.", default="")
     reward_model: str = _help("Reward entry that judges every model ('' = the one in ppo_model's lineage).", default="")
     prompts: str = _help("Held-out prompts (`prompt` schema; `category: adversarial` marks adversarial ones).",
-                         default="data/demo/prompts_heldout.jsonl")
-    eval_data: str = _help("Held-out dialogues for perplexity, BLEU and ROUGE-L.",
-                           default="data/demo/sft_heldout.jsonl")
+                         default="")
+    eval_data: str = _help("Held-out dialogues for perplexity, BLEU and ROUGE-L. Unset: the SFT entry's own held-out "
+                           "dialogues (its eval_data, or the split of its data it recorded).", default="")
     max_prompts: int = _help("Use the first N prompts (0: all).", default=0)
     max_eval_dialogues: int = _help("Use the first N held-out dialogues (0: all).", default=0)
     samples_per_prompt: int = _help("K samples per prompt (RealToxicityPrompts uses 25).", default=4)
@@ -80,6 +81,8 @@ class CompareStageConfig(StageConfig):
     trust_remote_code: bool = _help("Allow model code from the hub (only for models you trust).", default=False)
 
     def validate(self) -> None:
+        super().validate()
+        self.require("prompts")
         check_positive(self, "samples_per_prompt", "temperature", "max_new_tokens", "max_prompt_length",
                        "max_length", "batch_size", "bootstrap_resamples")
         if not 0 < self.top_p <= 1:
@@ -136,6 +139,36 @@ def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, str
         raise ConfigError("no reward model to judge with: pass --reward_model reward:<id>")
     reward = registry.get(reward_ref, stage="reward")
     return {"base": models.pop("base"), **models}, reward, ppo
+
+
+def heldout_dialogues(cfg: CompareStageConfig, registry: Any, sft_ref: str | None) -> tuple[list[dict], str]:
+    """(held-out dialogues, where they came from): `eval_data`, else the SFT entry's own held-out dialogues, its
+    eval_data or the split of its training data it recorded (rebuilt from the same data and seed, and checked
+    against the recorded fingerprint), so the report's perplexity, BLEU and ROUGE-L are on the user's data."""
+    from rlhf.data import holdout_split
+    from rlhf.models import is_registry_ref
+    from rlhf.stage import read_data
+
+    if cfg.eval_data:
+        return read_data("compare", cfg.eval_data, "dialogue", on_invalid=cfg.on_invalid)[0], cfg.eval_data
+    sft = registry.get(sft_ref, stage="sft") if sft_ref and is_registry_ref(sft_ref) else None
+    if sft is None:
+        raise ConfigError("eval_data: not set, and there is no sft entry whose held-out dialogues could stand in; "
+                          "pass --eval_data FILE (dialogue schema)")
+    c = sft.config
+    on_invalid = c.get("on_invalid", "error")
+    if c.get("eval_data"):
+        return read_data("compare", c["eval_data"], "dialogue", split=c.get("eval_split", "test"),
+                         on_invalid=on_invalid)[0], f"{c['eval_data']} ({sft.ref}'s eval_data)"
+    split = c.get("heldout_split")
+    if not isinstance(split, dict) or not c.get("data"):
+        raise ConfigError(f"eval_data: not set, and {sft.ref} records no held-out dialogues; pass --eval_data FILE")
+    records, _ = read_data("compare", c["data"], "dialogue", split=c.get("data_split", "train"), on_invalid=on_invalid)
+    _, held_out, info = holdout_split(records, split["fraction"], split["seed"])
+    if info["eval_fingerprint"] != split["eval_fingerprint"]:
+        raise DataError(f"{c['data']}: differs from the data {sft.ref} was trained on, so its held-out split cannot "
+                        f"be rebuilt; pass --eval_data FILE")
+    return held_out, f"{c['data']} (the {info['eval_rows']} dialogues {sft.ref} held out)"
 
 
 @dataclass
@@ -214,14 +247,13 @@ def main(cfg: CompareStageConfig) -> dict:
     import torch
 
     from rlhf.eval.metrics import interval, intervals_vs_base, per_prompt_metrics, summarize
-    from rlhf.data import load_records
     from rlhf.eval.likelihood import response_logprob_sums
     from rlhf.models import load_chat_model
     from rlhf.registry import Registry
     from rlhf.eval.report import write_report
     from rlhf.reward_scoring import load_reward_scorer
     from rlhf.safety import load_scorer
-    from rlhf.stage import log
+    from rlhf.stage import log, read_data
 
     started = time.time()
     if cfg.num_threads:
@@ -229,12 +261,13 @@ def main(cfg: CompareStageConfig) -> dict:
     # 1. Inputs: models, the judging reward model, prompts, held-out dialogues, toxicity scorer.
     registry = Registry(cfg.registry, create=False)
     models, rm_entry, ppo_entry = choose_models(cfg, registry)
-    prompts = load_records(cfg.prompts, "prompt")[: cfg.max_prompts or None]
-    dialogues = load_records(cfg.eval_data, "dialogue")[: cfg.max_eval_dialogues or None]
+    prompts = read_data("compare", cfg.prompts, "prompt", on_invalid=cfg.on_invalid)[0][: cfg.max_prompts or None]
+    dialogues, eval_source = heldout_dialogues(cfg, registry, models.get("sft"))
+    dialogues = dialogues[: cfg.max_eval_dialogues or None]
     if not prompts:
         raise DataError(f"{cfg.prompts}: no prompts; expected one JSON object per line in the `prompt` schema")
     if not dialogues:
-        raise DataError(f"{cfg.eval_data}: no dialogues; expected one JSON object per line in the `dialogue` schema")
+        raise DataError(f"{eval_source}: no dialogues; expected one JSON object per line in the `dialogue` schema")
     adversarial = np.array([p.get("category") == "adversarial" for p in prompts])  # (P,)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else registry.root / "report"
     scorer = load_scorer(cfg.toxicity, threshold=cfg.threshold)
@@ -304,7 +337,8 @@ def main(cfg: CompareStageConfig) -> dict:
         "reward_model": rm_entry.ref, "ppo_model": ppo_entry.ref if ppo_entry else None,
         "toxicity_scorer": scorer.describe(),
         "settings": {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "max_prompt_length",
-                                                   "max_length", "seed", "threshold", "prompts", "eval_data")},
+                                                   "max_length", "seed", "threshold", "prompts")}
+        | {"eval_data": eval_source},
         "notes": {k: r.notes for k, r in runs.items() if r.notes},
         "timing_s": {**{k: round(r.seconds, 2) for k, r in runs.items()}, "total": round(time.time() - started, 2)},
     })
@@ -322,4 +356,6 @@ def main(cfg: CompareStageConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_config(CompareStageConfig)))
+    from rlhf import console  # quiet console (--verbose: all), before the heavy imports of main
+
+    run_cli(lambda: main(console.setup(parse_config(CompareStageConfig))))

@@ -253,16 +253,17 @@ def test_compare_without_a_ppo_entry_says_how_to_name_the_models(pretrained_regi
     from rlhf.errors import ConfigError, RegistryError
 
     stage = _load_stage()
-    cfg = load_config(stage.CompareStageConfig, overrides={"registry": str(pretrained_registry)})
+    prompts = str(tmp_path / "prompts.jsonl")  # never read: the models are refused first
+    cfg = load_config(stage.CompareStageConfig, overrides={"registry": str(pretrained_registry), "prompts": prompts})
     with pytest.raises(RegistryError, match=r"ppo:latest: no 'ppo' entry.*--models base=REF"):
         stage.main(cfg)
     # Without a ppo lineage the reward model must be named too.
     cfg = load_config(stage.CompareStageConfig, overrides={"registry": str(pretrained_registry), "ppo_model": "",
-                                                           "models": "base=pretrain:latest"})
+                                                           "models": "base=pretrain:latest", "prompts": prompts})
     with pytest.raises(ConfigError, match="--reward_model"):
         stage.main(cfg)
     with pytest.raises(ConfigError, match="not label=ref"):
-        load_config(stage.CompareStageConfig, overrides={"models": "base"})
+        load_config(stage.CompareStageConfig, overrides={"models": "base", "prompts": prompts})
 
 
 def test_compare_help_lists_every_option(capsys):

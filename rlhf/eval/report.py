@@ -130,7 +130,7 @@ def _settings_line(result: dict[str, Any]) -> str:
             f"{result['samples_per_prompt']} samples per model, temperature {s['temperature']}, top_p {s['top_p']}, "
             f"max_new_tokens {s['max_new_tokens']}, seed {s['seed']}; reward model {result['reward_model']} "
             f"(normalized as in PPO); toxicity scorer {tox['spec']} (toxic: score ≥ {s['threshold']}); "
-            f"perplexity / BLEU / ROUGE-L on {result['eval_dialogues']} held-out dialogues.")
+            f"perplexity / BLEU / ROUGE-L on {result['eval_dialogues']} held-out dialogues ({s['eval_data']}).")
 
 
 def markdown_report(result: dict[str, Any], plots: dict[str, Path]) -> str:
