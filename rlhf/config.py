@@ -63,8 +63,10 @@ class StageConfig:
 
     def validate(self) -> None:
         """Cross-field checks; subclasses extend it (calling this one) and raise ConfigError."""
-        if self.on_invalid not in ("error", "skip"):
-            raise ConfigError(f"on_invalid must be error or skip, got {self.on_invalid!r}")
+        from rlhf.data import ON_INVALID
+
+        if self.on_invalid not in ON_INVALID:
+            raise ConfigError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {self.on_invalid!r}")
 
     def require(self, *names: str) -> None:
         """Fields the stage cannot run without (no default names anyone's data)."""

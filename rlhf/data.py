@@ -1,7 +1,8 @@
 """Loading a stage's data: every record of a source, validated before any training.
 
-Stages call `load_records(source, schema)`; `scripts/validate_data.py` calls
-`check_file`. A source is a local `.jsonl` / `.json` / `.parquet` file or a hub
+Stages call `load_records(source, schema)`, or `read_records(..., on_invalid="skip")` to drop invalid
+records and count them instead of refusing the source; `holdout_split` holds a seeded share out for
+evaluation; `scripts/validate_data.py` calls `check_file`. A source is a local `.jsonl` / `.json` / `.parquet` file or a hub
 dataset id (`rlhf.data_sources` reads them); each record goes through a named
 adapter first when one is given, then through the checks of its format
 (`rlhf.data_formats`, documented in `data_schemas/README.md`). `load_records`
