@@ -29,6 +29,8 @@ STAGE_SCRIPTS = {
     "sft": "stages/01_sft.py",
     "reward": "stages/02_reward.py",
     "ppo": "stages/03_ppo.py",
+    "grpo": "stages/03_ppo.py",  # stage 03 with advantage_estimator: grpo (registered as a ppo entry)
+    "rloo": "stages/03_ppo.py",  # ... with advantage_estimator: rloo
     "compare": "stages/04_compare.py",
 }
 

@@ -187,9 +187,15 @@ def test_k1_and_k3_expectations_under_policy_equal_exact_kl():
     close((p * kl_k3(p.log(), q.log())).sum(), exact.item(), atol=1e-12)
 
 
+def test_kl_k2_by_hand_is_half_the_squared_log_ratio():
+    # log ratios 0.2 and −0.4: k2 = ½·0.04 = 0.02 and ½·0.16 = 0.08, whatever the sign
+    logprobs, ref = torch.tensor([[-1.0, -2.4]]), torch.tensor([[-1.2, -2.0]])
+    close(kl_penalty(logprobs, ref, "k2"), torch.tensor([[0.02, 0.08]]), atol=1e-6)
+
+
 def test_kl_penalty_rejects_unknown_estimator():
-    with pytest.raises(ValueError, match="'k1' or 'k3'.*'k2'"):
-        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'k1', 'k2' or 'k3'.*'k4'"):
+        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k4")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- per-token rewards

@@ -496,3 +496,36 @@ def test_reward_model_on_its_own_weights_is_loaded_separately(rlhf_registry, tin
     assert "roles fused: reference+value in the rollout, policy+value in the update" in res.stderr
     ppo = r.get("ppo:latest")
     assert ppo.config["reward_shares_base"] is False and ppo.parents[-1] == entry.ref
+
+
+@pytest.mark.parametrize("estimator,extra", [
+    ("grpo", ["--kl_in_loss", "true", "--kl_estimator", "k3", "--loss_type", "grpo", "--fuse_roles", "true"]),
+    ("rloo", ["--load_in_4bit", "false"]),
+    ("reinforce_pp", ["--num_generations", "1", "--loss_type", "dr_grpo"]),
+])
+def test_cli_critic_free_estimators_build_no_critic_and_log_each_reward_component(rlhf_registry, tiny_data, tmp_path,
+                                                                                   estimator, extra):
+    """A critic-free run registers a ppo entry with parents sft and reward that holds the policy adapter only (no
+    value adapter or head), records its estimator and reward components, and logs each component per step."""
+    reg = _copy(rlhf_registry, tmp_path)
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(prompts, completions, completion_ids, **kwargs):\n"
+        "    return [1.0 / (1 + len(ids)) for ids in completion_ids]\n")
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO,
+                     "--advantage_estimator", estimator, "--num_generations", "2",
+                     "--reward_funcs", f"rm,toxicity,{tmp_path / 'my_rewards.py'}:brevity", "--reward_weights", "1,1,0.5",
+                     *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"[ppo] {estimator}: one base" in res.stderr and "policy/ref/reward" in res.stderr
+    r = Registry(reg)
+    ppo = r.get("ppo:latest")
+    assert ppo.parents == [r.get("sft:latest").ref, r.get("reward:latest").ref]
+    assert ppo.config["advantage_estimator"] == estimator and ppo.config["critic"] is False
+    assert [c["name"] for c in ppo.config["reward_components"]] == ["rm", "toxicity", "brevity"]
+    assert (ppo.path / "policy" / "adapter_model.safetensors").exists()
+    assert not (ppo.path / "value").exists() and not (ppo.path / "value_head.safetensors").exists()
+    rows = [json.loads(line) for line in (ppo.path / "metrics.jsonl").read_text().splitlines()]
+    assert {"objective/reward/rm", "objective/reward/toxicity", "objective/reward/brevity"} <= set(rows[0])
+    assert not any(k.startswith("val/") for k in rows[0])
+    assert 0 < rows[0]["objective/reward/brevity"] <= 0.5
+    assert ("loss/kl" in rows[0]) == ("--kl_in_loss" in extra)

@@ -11,15 +11,15 @@ import torch
 
 from rlhf.errors import UserError
 from rlhf.ppo.metrics import check_finite, run_summary, step_metrics
-from rlhf.ppo.rewards import gae_targets, sequence_rewards
+from rlhf.ppo.rewards import gae_targets, rm_score, sequence_rewards
 from rlhf.ppo.rollout import prompt_indices
 
 
 def test_sequence_rewards_normalize_the_rm_score_and_subtract_toxicity_and_the_missing_eos_penalty():
     # score = (RM − 1) / 2 = [0.5, −0.5, 0.0]; total = score − 2·toxicity − 1·[no EOS]
-    out = sequence_rewards(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([0.5, 0.0, 1.0]),
-                           torch.tensor([True, False, True]), reward_mean=1.0, reward_std=2.0, toxicity_coef=2.0,
-                           missing_eos_penalty=1.0)
+    score = rm_score(torch.tensor([2.0, 0.0, 1.0]), reward_mean=1.0, reward_std=2.0)
+    out = sequence_rewards({"rm": score, "toxicity": torch.tensor([0.5, 0.0, 1.0])}, {"rm": 1.0, "toxicity": -2.0},
+                           torch.tensor([True, False, True]), missing_eos_penalty=1.0)
     torch.testing.assert_close(out.score, torch.tensor([0.5, -0.5, 0.0]))
     torch.testing.assert_close(out.toxicity, torch.tensor([0.5, 0.0, 1.0]))
     torch.testing.assert_close(out.total, torch.tensor([-0.5, -1.5, -2.0]))

@@ -17,6 +17,10 @@ and the reward model is loaded on its own (`rlhf.reward_scoring.load_reward_scor
 scoring decoded responses with its own tokenizer. One copy of
 the base weights serves all four roles, which is where the memory goes.
 
+A critic-free estimator (`critic=False`: GRPO, RLOO, REINFORCE++) builds no value adapter and no
+value head: the roles are policy, reference and reward, and the rollout's and update's forwards
+return None for values.
+
 Every forward takes left-padded prompt + right-padded response ids with their
 attention mask and passes explicit position ids (cumsum of the mask), matching
 what `generate` used for the same rows.
@@ -57,7 +61,7 @@ class ActorCritic(nn.Module):
     are read (and 4-bit ones dequantized) once instead of once per role, with fewer, larger calls.
     """
 
-    def __init__(self, model: Any, value_head: nn.Linear, reward_head: nn.Linear | None,
+    def __init__(self, model: Any, value_head: nn.Linear | None, reward_head: nn.Linear | None,
                  separate_reward: Any | None = None):
         super().__init__()
         self.model = model
@@ -74,9 +78,10 @@ class ActorCritic(nn.Module):
     # -------------------------------------------------------------- parameters
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Policy and value adapters and the value head: everything the optimizer updates."""
+        """Policy and value adapters and the value head (none without a critic): everything the optimizer updates."""
         out = [(n, p) for n, p in self.model.named_parameters() if ".policy." in n or ".value." in n]
-        out += [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+        if self.value_head is not None:
+            out += [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
         for _, p in out:
             p.requires_grad_(True)
         return out
@@ -176,21 +181,33 @@ class ActorCritic(nn.Module):
         """(B, R, V) logits from last hidden states (B, T, H), predicting the last `n_response` tokens."""
         return self.model.get_output_embeddings()(h[:, -(n_response + 1):-1])
 
-    def rollout_forward(self, ids: Tensor, mask: Tensor, n_response: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Without gradients: reference logits (B, R, V), values (B, T) and raw RM scores (B,) (None when the
-        reward model is separate): one mixed forward when `fused`, else one forward per role."""
-        with torch.no_grad():
-            if not self.fused:
-                scores = self.reward_scores(ids, mask) if self.reward_head is not None else None
-                return self.ref_logits(ids, mask, n_response), self.values(ids, mask), scores
-            roles = [None, "value"] + (["reward"] if self.reward_head is not None else [])
-            h = self._mixed_hidden(ids, mask, roles)
-            return (self._lm_logits(h[0], n_response), self._value(h[1]),
-                    self._score(h[2], mask) if len(roles) == 3 else None)
+    @property
+    def critic(self) -> bool:
+        return self.value_head is not None
 
-    def update_forward(self, ids: Tensor, mask: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
-        """With gradients: policy logits (B, R, V) and values (B, T); one mixed forward when `fused`, so one
-        backward of the summed losses reaches both adapters; else one forward per role."""
+    def rollout_roles(self) -> list[str | None]:
+        """The roles of the rollout's forwards: reference (None), value, reward (those present)."""
+        return [None] + (["value"] if self.critic else []) + (["reward"] if self.reward_head is not None else [])
+
+    def rollout_forward(self, ids: Tensor, mask: Tensor,
+                        n_response: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Without gradients: reference logits (B, R, V), values (B, T) (None without a critic) and raw RM scores
+        (B,) (None when the reward model is separate): one mixed forward when `fused`, else one forward per role."""
+        roles = self.rollout_roles()
+        with torch.no_grad():
+            if not self.fused or len(roles) == 1:
+                scores = self.reward_scores(ids, mask) if self.reward_head is not None else None
+                return (self.ref_logits(ids, mask, n_response), self.values(ids, mask) if self.critic else None,
+                        scores)
+            h = dict(zip(roles, self._mixed_hidden(ids, mask, roles)))
+            return (self._lm_logits(h[None], n_response), self._value(h["value"]) if self.critic else None,
+                    self._score(h["reward"], mask) if "reward" in h else None)
+
+    def update_forward(self, ids: Tensor, mask: Tensor, n_response: int) -> tuple[Tensor, Tensor | None]:
+        """With gradients: policy logits (B, R, V) and values (B, T) (None without a critic); one mixed forward
+        when `fused`, so one backward of the summed losses reaches both adapters; else one forward per role."""
+        if not self.critic:
+            return self.policy_logits(ids, mask, n_response), None
         if not self.fused:
             out = self.policy_logits(ids, mask, n_response), self.values(ids, mask)
             self._trainable_requires_grad()  # set_adapter("value") froze the policy adapter before the backward
@@ -202,6 +219,9 @@ class ActorCritic(nn.Module):
         """Turn `fused` on if mixed forwards give what one forward per role gives on a probe batch (two rows,
         one left-padded), gradients included; return why not otherwise (e.g. the model's logits are more than
         its LM head applied to the last hidden state, or a LoRA variant such as DoRA)."""
+        if len(self.rollout_roles()) == 1 and not self.critic:
+            self.fused = False
+            return "no two roles read the same rows (no critic, and the reward model is separate)"
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab_size, (2, 7), generator=g).to(device)
         mask = torch.ones_like(ids)
@@ -211,11 +231,13 @@ class ActorCritic(nn.Module):
         def probe() -> list[Tensor | None]:
             ref, values, scores = self.rollout_forward(ids, mask, 3)
             logits, new_values = self.update_forward(ids, mask, 3)  # with gradients, as in the update
-            (logits.float().logsumexp(-1).mean() + new_values.float().mean()).backward()
+            loss = logits.float().logsumexp(-1).mean()
+            (loss + new_values.float().mean() if new_values is not None else loss).backward()
             grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self._trainable]
             for p in self._trainable:
                 p.grad = None
-            return [ref, values, scores, logits.detach(), new_values.detach(), *grads]
+            return [ref, values, scores, logits.detach(), new_values.detach() if new_values is not None else None,
+                    *grads]
 
         try:
             want = probe()
@@ -290,10 +312,12 @@ def build_actor_critic(
     value_lora_r: int | None = None,
     trust_remote_code: bool = False,
     fuse_roles: bool = False,
+    critic: bool = True,
 ) -> ActorCritic:
     """Load the base once and attach the adapters (see module docstring). `reward_dir`: a reward entry's folder
     of kind "adapter" on this same base (its adapter and score head become the reward and the critic's start);
-    None: the reward model is `separate_reward` (or absent) and the critic starts fresh."""
+    None: the reward model is `separate_reward` (or absent) and the critic starts fresh. `critic=False`: no
+    value adapter or head."""
     from peft import LoraConfig, get_peft_model
 
     from rlhf import quant
@@ -309,24 +333,24 @@ def build_actor_critic(
                       target_modules=lora_targets(lora_target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(base, lora, adapter_name="policy")
     hidden = base.get_input_embeddings().weight.shape[1]
+    value_head = frozen_head = None
     if reward_dir is not None:
         reward_adapter = adapter_dir(reward_dir)
-        copy = value_lora_r is None or value_lora_r == adapter_rank(reward_adapter)
+        copy = critic and (value_lora_r is None or value_lora_r == adapter_rank(reward_adapter))
         if copy:
             model.load_adapter(str(reward_adapter), adapter_name="value", is_trainable=True)
         model.load_adapter(str(reward_adapter), adapter_name="reward", is_trainable=False)
-        if not copy:
+        if critic and not copy:
             widen_adapter(model, "reward", "value", value_lora_r)
-        value_head = load_head(reward_dir, hidden, device)
+        value_head = load_head(reward_dir, hidden, device) if critic else None
         frozen_head = load_head(reward_dir, hidden, device)
-    else:
+    elif critic:
         model.add_adapter("value", lora if value_lora_r is None else LoraConfig(
             r=value_lora_r, lora_alpha=lora_alpha * value_lora_r / lora_r, lora_dropout=0.0,
             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
         value_head = nn.Linear(hidden, 1).to(device)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
-        frozen_head = None
     # Dropout stays off for the whole run (PPO's ratios assume the same network at rollout and update);
     # evaluating and then training a 4-bit layer on this CPU needs packing off (see set_cpu_4bit_packing).
     model.eval()

@@ -23,18 +23,32 @@ def all_reduce_mean(tensors: list[Tensor], world_size: int) -> None:
         t.div_(world_size)
 
 
+def global_mean_var(x: Tensor, mask: Tensor, world_size: int) -> tuple[Tensor, Tensor]:
+    """Mean and Bessel-corrected variance of `x` over the real tokens of every process."""
+    import torch
+
+    from rlhf.ppo.losses import masked_mean, masked_var
+
+    if world_size == 1:
+        return masked_mean(x, mask), masked_var(x, mask, unbiased=True)
+    m = mask.to(x.dtype)
+    sums = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
+    all_reduce_mean([sums], world_size)
+    n = sums[2] * world_size  # real tokens over every process
+    mean = sums[0] / sums[2]
+    return mean, (sums[1] / sums[2] - mean ** 2) * n / (n - 1).clamp(min=1.0)
+
+
 def global_whiten(x: Tensor, mask: Tensor, world_size: int) -> Tensor:
-    """Whiten `x` over the real tokens of every process (one process: `masked_whiten`)."""
+    """Whiten `x` over the real tokens of every process: `masked_whiten` of the global batch (the same statistics
+    with one process or several); pads are returned unchanged."""
     import torch
 
     from rlhf.ppo.losses import masked_whiten
 
     if world_size == 1:
         return masked_whiten(x, mask)
-    m = mask.to(x.dtype)
-    sums = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
-    all_reduce_mean([sums], world_size)
-    mean, var = sums[0] / sums[2], sums[1] / sums[2] - (sums[0] / sums[2]) ** 2
+    mean, var = global_mean_var(x, mask, world_size)
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), x)
 
 

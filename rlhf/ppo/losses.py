@@ -41,7 +41,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-KLEstimator = Literal["k1", "k3"]
+KLEstimator = Literal["k1", "k2", "k3"]
+LossType = Literal["dapo", "grpo", "dr_grpo"]
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # TRL GRPOConfig.loss_type's names, the ones that apply here
 
 
 # --------------------------------------------------------------------------- masked statistics
@@ -146,13 +148,21 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.expm1(log_ratio) - log_ratio  # (B, T) expm1 keeps precision when r ≈ 1
 
 
+def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token k2 estimate of KL(π_θ ‖ π_ref): ½·(log π_θ − log π_ref)² (biased, low variance, never negative;
+    its gradient is the KL's gradient under on-policy samples). http://joschu.net/blog/kl-approx.html"""
+    return 0.5 * (logprobs - ref_logprobs) ** 2  # (B, T)
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) -> Tensor:
-    """Per-token KL estimate with the named estimator ("k1" or "k3")."""
+    """Per-token KL estimate with the named estimator ("k1", "k2" or "k3")."""
     if estimator == "k1":
         return kl_k1(logprobs, ref_logprobs)
+    if estimator == "k2":
+        return kl_k2(logprobs, ref_logprobs)
     if estimator == "k3":
         return kl_k3(logprobs, ref_logprobs)
-    raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {estimator!r}")
+    raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
 def per_token_rewards(score: Tensor, kl: Tensor, kl_coef: float, mask: Tensor) -> Tensor:
@@ -174,6 +184,30 @@ def per_token_rewards(score: Tensor, kl: Tensor, kl_coef: float, mask: Tensor) -
 # --------------------------------------------------------------------------- losses
 
 
+def clipped_surrogate(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token clipped PPO surrogate (B, T): max(−Â_t·ρ_t, −Â_t·clip(ρ_t, 1−ε, 1+ε)), ρ_t = π_θ/π_θ_old.
+
+    Stats (detached scalars over real tokens): `approxkl` = ½·mean((log π_θ − log π_θ_old)²) and
+    `clipfrac`, the fraction of real tokens where the clipped term is the larger one.
+    """
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    pg_loss1 = -advantages * ratio  # (B, T)
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
+    with torch.no_grad():
+        stats = {
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(logprobs.dtype), mask),
+        }
+    return torch.max(pg_loss1, pg_loss2), stats
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -181,24 +215,30 @@ def policy_loss(
     mask: Tensor,
     cliprange: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped PPO surrogate, averaged over real tokens.
+    """Clipped PPO surrogate (`clipped_surrogate`) averaged over real tokens, with its stats."""
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, cliprange)
+    return masked_mean(per_token, mask), stats
 
-        ρ_t = π_θ/π_θ_old,  loss = mean_t max(−Â_t·ρ_t, −Â_t·clip(ρ_t, 1−ε, 1+ε))
 
-    Stats (detached scalars): `approxkl` = ½·mean((log π_θ − log π_θ_old)²) and
-    `clipfrac`, the fraction of real tokens where the clipped term is the larger one.
+def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: LossType, *, minibatch_tokens: float,
+                   minibatch_rows: int, response_length: int) -> Tensor:
+    """One micro-batch's share of a minibatch's loss, so that the shares of every micro-batch (and the mean over
+    processes of their sums) give the minibatch's loss for any split; TRL GRPOConfig.loss_type's names:
+
+        dapo      Σ_tokens ℓ / tokens of the minibatch         every token weighs the same (Yu et al. 2025, DAPO)
+        grpo      Σ_rows mean_t(ℓ) / rows of the minibatch     every response weighs the same (Shao et al. 2024)
+        dr_grpo   Σ_tokens ℓ / (rows · response_length)        a constant normalizer: no length bias (Liu et al. 2025)
+
+    `minibatch_tokens` and `minibatch_rows` are per process (the minibatch's mean over processes).
     """
-    log_ratio = logprobs - old_logprobs  # (B, T)
-    ratio = torch.exp(log_ratio)  # (B, T)
-    pg_loss1 = -advantages * ratio  # (B, T)
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
-    with torch.no_grad():
-        stats = {
-            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
-            "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(logprobs.dtype), mask),
-        }
-    return loss, stats
+    m = mask.to(per_token.dtype)
+    if loss_type == "dapo":
+        return (per_token * m).sum() / minibatch_tokens
+    if loss_type == "grpo":
+        return ((per_token * m).sum(1) / m.sum(1).clamp(min=1.0)).sum() / minibatch_rows
+    if loss_type == "dr_grpo":
+        return (per_token * m).sum() / (minibatch_rows * response_length)
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
 
 def value_loss(

@@ -1,8 +1,9 @@
 """PPO's metrics: one flat dict of namespaced keys per step (TRL's PPOTrainer names), and the run's summary.
 
-    objective/   score, toxicity, KL (k1 and k3), coefficients, the RLHF reward they add up to
-    policy/      approxkl, clipfrac, entropy of the update        loss/  policy loss
-    val/         value loss, its clip fraction, explained variance
+    objective/   score, toxicity, KL (k1 and k3), coefficients, the RLHF reward they add up to,
+                 reward/<name>: each component's mean raw value (rlhf.ppo.rewards)
+    policy/      approxkl, clipfrac, entropy of the update        loss/  policy loss (and KL loss term)
+    val/         value loss, its clip fraction, explained variance (with a critic only)
     response/    length, EOS rate          timing/  rollout and update seconds, episodes_per_s
 
 `step_metrics` builds a step's dict; `run_summary` the entry's final metrics from every step's.
@@ -19,15 +20,16 @@ from rlhf.errors import UserError
 
 
 def step_metrics(step: int, batch_size: int, *, score: Tensor, toxicity: Tensor, total: Tensor, logprobs: Tensor,
-                 ref_logprobs: Tensor, kl: Tensor, mask: Tensor, values: Tensor, returns: Tensor, has_eos: Tensor,
-                 kl_coef: float, toxicity_coef: float, update: dict[str, float], rollout_s: float,
-                 update_s: float) -> dict[str, float]:
-    """The metrics of step `step` (1-based) of `batch_size` episodes (global) from its rollout's tensors (B,) / (B, R) and `update`'s statistics;
-    `kl` is the penalty's estimate, the one β multiplies."""
+                 ref_logprobs: Tensor, kl: Tensor, mask: Tensor, values: Tensor | None, returns: Tensor | None,
+                 has_eos: Tensor, kl_coef: float, toxicity_coef: float, update: dict[str, float], rollout_s: float,
+                 update_s: float, components: dict[str, Tensor] | None = None) -> dict[str, float]:
+    """The metrics of step `step` (1-based) of `batch_size` episodes (global) from its rollout's tensors (B,) /
+    (B, R) and `update`'s statistics; `kl` is the penalty's estimate, the one β multiplies; `values` and `returns`
+    None without a critic; `components` the reward's, by name (NaN where a function returned None)."""
     from rlhf.ppo.losses import explained_variance, kl_k1, kl_k3
 
     m = mask.to(kl.dtype)  # (B, R)
-    return {
+    out = {
         "step": step, "episodes": step * batch_size,
         "objective/score": score.mean().item(), "objective/toxicity": toxicity.mean().item(),
         "objective/kl": (kl_k1(logprobs, ref_logprobs) * m).sum(1).mean().item(),
@@ -35,13 +37,21 @@ def step_metrics(step: int, batch_size: int, *, score: Tensor, toxicity: Tensor,
         "objective/kl_coef": kl_coef, "objective/toxicity_coef": toxicity_coef,
         "objective/rlhf_reward": (total - kl_coef * (kl * m).sum(1)).mean().item(),
         "policy/approxkl": update["approxkl"], "policy/clipfrac": update["clipfrac"],
-        "policy/entropy": update["entropy"], "loss/policy": update["pg_loss"], "val/vf_loss": update["vf_loss"],
-        "val/clipfrac": update["vf_clipfrac"], "val/explained_variance": explained_variance(values, returns, mask),
+        "policy/entropy": update["entropy"], "loss/policy": update["pg_loss"],
         "response/length_mean": mask.sum(1).float().mean().item(),
         "response/eos_rate": has_eos.float().mean().item(),
         "timing/rollout_s": rollout_s, "timing/update_s": update_s,
         "episodes_per_s": batch_size / (rollout_s + update_s),
     }
+    if "kl_loss" in update:
+        out["loss/kl"] = update["kl_loss"]
+    if values is not None:
+        out.update({"val/vf_loss": update["vf_loss"], "val/clipfrac": update["vf_clipfrac"],
+                    "val/explained_variance": explained_variance(values, returns, mask)})
+    for name, x in (components or {}).items():
+        valid = ~x.isnan()
+        out[f"objective/reward/{name}"] = x[valid].mean().item() if bool(valid.any()) else 0.0
+    return out
 
 
 def check_finite(metrics: dict[str, float], where: str) -> None:

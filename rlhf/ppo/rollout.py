@@ -5,7 +5,8 @@
 
 The policy's logprobs come from the logits `generate` computed while sampling (raw logits divided by
 the temperature, as the update does); no second policy forward. The reference, value and reward take
-one forward (or one fused forward, `ActorCritic.rollout_forward`) per `forward_batch_size` rows.
+one forward (or one fused forward, `ActorCritic.rollout_forward`) per `forward_batch_size` rows; without
+a critic there is no value forward. A prompt given k times in a row (num_generations) is sampled k times.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Rollout:
     mask: Tensor  # (B, R) 1 on real response tokens, EOS included
     logprobs: Tensor  # (B, R) log π_θ_old(a_t|s_t) at sampling time (temperature applied)
     ref_logprobs: Tensor  # (B, R) log π_ref(a_t|s_t)
-    values: Tensor  # (B, R) V(s_t) of the critic at sampling time
+    values: Tensor | None  # (B, R) V(s_t) of the critic at sampling time; None without a critic
     has_eos: Tensor  # (B,) the response ended with EOS (else it was cut at response_length)
     prompt_width: int  # P
     rm_scores: Tensor | None  # (B,) raw RM scores; None when the reward model is separate (scored from text)
@@ -88,7 +89,7 @@ def rollout(ac: Any, prompt_ids: list[list[int]], *, pad_token_id: int, eos_toke
     # rows are not padded to the longest. Positions past a row's last real token stay 0 (masked downstream).
     B = len(query_responses)
     ref_logprobs = torch.zeros(B, R, device=device)
-    values = torch.zeros(B, R, device=device)
+    values = torch.zeros(B, R, device=device) if ac.critic else None
     rm_scores = torch.zeros(B, device=device) if ac.separate_reward is None else None
     with torch.no_grad():
         for rows in length_chunks(attention_mask, forward_batch_size, group_by_length):
@@ -97,7 +98,8 @@ def rollout(ac: Any, prompt_ids: list[list[int]], *, pad_token_id: int, eos_toke
             ref, v, scores = ac.rollout_forward(qr, am, r)  # ref (b, r, V): position p-1+t predicts token t
             ref_logprobs[rows, :r] = logprobs_from_logits(ref / temperature, responses[rows, :r])
             del ref
-            values[rows, :r] = v[:, p - 1:-1]
+            if values is not None:
+                values[rows, :r] = v[:, p - 1:-1]
             if rm_scores is not None:
                 rm_scores[rows] = scores
     return Rollout(query_responses=query_responses, attention_mask=attention_mask, responses=responses, mask=mask,
