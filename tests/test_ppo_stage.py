@@ -43,12 +43,12 @@ def _assert_same_update(a: dict, b: dict) -> None:
 
 
 def _rollout(ac, tok, prompts: list[list[int]], cfg: dict):
-    """One rollout on the CPU with the tokenizer's pad and EOS (cfg: temperature, response_length,
-    forward_batch_size, group_by_length)."""
+    """One rollout on the device of `ac`'s model with the tokenizer's pad and EOS (cfg: temperature,
+    response_length, forward_batch_size, group_by_length)."""
     from rlhf.ppo.rollout import rollout
 
-    return rollout(ac, prompts, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, device=torch.device("cpu"),
-                   **cfg)
+    return rollout(ac, prompts, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   device=next(ac.model.parameters()).device, **cfg)
 
 
 def _assert_same_rollout(a, b) -> None:
@@ -61,40 +61,50 @@ def _assert_same_rollout(a, b) -> None:
     torch.testing.assert_close(a.rm_scores, b.rm_scores, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_accumulation_invariance_1x8_equals_8x1(rlhf_registry, tmp_path):
-    """Splitting a minibatch into micro-batches must not change the update (token-weighted losses)."""
+# The update's modes the invariances hold for: PPO with its critic, and no critic with each loss aggregation
+# and KL placement (tests/workers/ppo_ddp_update.py).
+UPDATE_MODES = ["gae", "grpo", "reinforce_pp"]
+
+
+@pytest.mark.parametrize("mode", UPDATE_MODES)
+def test_gradient_accumulation_invariance_1x8_equals_8x1(rlhf_registry, tmp_path, mode):
+    """Splitting a minibatch into micro-batches must not change the update (losses weighted by their share)."""
     model = _model_dir(rlhf_registry)
     for micro in (8, 1):
-        res = run_script(WORKER, model, str(tmp_path / f"m{micro}.safetensors"), str(micro))
+        res = run_script(WORKER, model, str(tmp_path / f"m{micro}.safetensors"), str(micro), "1", "1", mode)
         assert res.returncode == 0, res.stderr[-2000:]
     one, eight = load_file(str(tmp_path / "m8.safetensors")), load_file(str(tmp_path / "m1.safetensors"))
     _assert_same_update(one, eight)
 
 
-def test_micro_batches_of_rows_grouped_by_length_give_the_same_update(rlhf_registry, tmp_path):
+@pytest.mark.parametrize("mode", ["gae", "grpo"])  # the other modes only differ before the update
+def test_micro_batches_of_rows_grouped_by_length_give_the_same_update(rlhf_registry, tmp_path, mode):
     """group_by_length regroups a minibatch's rows (shortest first) before cutting micro-batches; the update must
     be the one of micro-batches in row order."""
     model = _model_dir(rlhf_registry)
     for group in ("1", "0"):
-        res = run_script(WORKER, model, str(tmp_path / f"g{group}.safetensors"), "2", group)
+        res = run_script(WORKER, model, str(tmp_path / f"g{group}.safetensors"), "2", group, "1", mode)
         assert res.returncode == 0, res.stderr[-2000:]
     _assert_same_update(load_file(str(tmp_path / "g1.safetensors")), load_file(str(tmp_path / "g0.safetensors")))
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(rlhf_registry, tmp_path):
-    """Data parallelism (gloo, 2 CPU processes) gives the update of one process on the whole batch."""
+@pytest.mark.parametrize("mode", UPDATE_MODES)
+def test_two_processes_match_one_process_on_the_same_global_batch(rlhf_registry, tmp_path, mode):
+    """Data parallelism (gloo, 2 CPU processes) gives the update of one process on the whole batch, advantages of
+    global statistics (REINFORCE++'s whitening) included."""
     model = _model_dir(rlhf_registry)
-    res = run_script(WORKER, model, str(tmp_path / "one.safetensors"))
+    res = run_script(WORKER, model, str(tmp_path / "one.safetensors"), "-", "1", "1", mode)
     assert res.returncode == 0, res.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    res = subprocess.run([*torchrun, WORKER, model, str(tmp_path / "two.safetensors")],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29533 + UPDATE_MODES.index(mode))]
+    res = subprocess.run([*torchrun, WORKER, model, str(tmp_path / "two.safetensors"), "-", "1", "1", mode],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     _assert_same_update(load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors")))
 
 
 @pytest.mark.parametrize("load_in_4bit,temperature", [(False, 1.0), (True, 0.7)])
-def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_registry, tiny_data,
+def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_registry, tiny_data, device,
                                                                        load_in_4bit, temperature):
     """The rollout takes the policy's logprobs from `generate`'s logits instead of a second forward; they must be
     what the update's forward computes on the same rows (so the first PPO ratio is 1), at any temperature."""
@@ -109,7 +119,7 @@ def test_rollout_logprobs_from_generation_equal_a_fresh_policy_forward(rlhf_regi
     tok = load_tokenizer(model)
     ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
                             lora_target_modules="all-linear", reward_dir=reward, separate_reward=None,
-                            device=torch.device("cpu"))
+                            device=device)
     with torch.no_grad():  # a policy adapter that differs from the reference
         for name, p in ac.model.named_parameters():
             if ".policy." in name:
@@ -172,7 +182,7 @@ def test_generation_on_weights_dequantized_once_samples_what_4bit_generation_sam
     _assert_same_rollout(plain, dense)
 
 
-def test_rollout_chunks_grouped_by_length_give_what_chunks_in_row_order_give(rlhf_registry, tiny_data):
+def test_rollout_chunks_grouped_by_length_give_what_chunks_in_row_order_give(rlhf_registry, tiny_data, device):
     """Rollout forwards over length-sorted chunks, each cut to its real columns, must return per row the reference
     logprobs, values and RM scores of chunks in row order (same sampled responses: same seed)."""
     from rlhf.ppo.actor_critic import build_actor_critic
@@ -185,7 +195,7 @@ def test_rollout_chunks_grouped_by_length_give_what_chunks_in_row_order_give(rlh
     reward = Registry(rlhf_registry).get("reward:latest").path
     tok = load_tokenizer(model)
     ac = build_actor_critic(model, tok, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
-                            reward_dir=reward, separate_reward=None, device=torch.device("cpu"))
+                            reward_dir=reward, separate_reward=None, device=device)
     prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:7]], 32)
     assert len({len(x) for x in prompts}) > 2, "prompts of several lengths are what this test is about"
     out = {}
@@ -212,7 +222,7 @@ def test_fused_roles_give_the_update_of_one_forward_per_role(rlhf_registry, tmp_
     _assert_same_update(load_file(str(tmp_path / "f1.safetensors")), load_file(str(tmp_path / "f0.safetensors")))
 
 
-def _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit: bool):
+def _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit: bool, device=torch.device("cpu")):
     """The fixture's actor-critic with policy, value and reward adapters moved apart (each LoRA B is 0 at the
     start, so every role would otherwise compute the same thing and a mixed-up role could not show)."""
     from rlhf.ppo.actor_critic import build_actor_critic
@@ -223,25 +233,25 @@ def _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit: bool):
     tok = load_tokenizer(model)
     ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
                             lora_target_modules="all-linear", reward_dir=reward, separate_reward=None,
-                            device=torch.device("cpu"), fuse_roles=True)
+                            device=device, fuse_roles=True)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in ac.model.named_parameters():
             for k, role in enumerate(("policy", "value", "reward")):
                 if f"lora_B.{role}." in name:
-                    p.add_((0.05 + 0.05 * k) * torch.randn(p.shape, generator=g))
+                    p.add_((0.05 + 0.05 * k) * torch.randn(p.shape, generator=g).to(p.device))
     return ac, tok
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_fused_roles_give_what_one_forward_per_role_gives(rlhf_registry, tiny_data, load_in_4bit):
+def test_fused_roles_give_what_one_forward_per_role_gives(rlhf_registry, tiny_data, device, load_in_4bit):
     """fuse_roles: the rollout's reference logprobs, values and RM scores, and the update's logits, values and
     gradients, equal those of one forward per role; in 4-bit too, where bitsandbytes' matmul output cannot be
     modified in place (peft's own mixed-adapter batches fail there on backward)."""
     from rlhf.data import load_records
     from rlhf.generation import encode_prompts
 
-    ac, tok = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit)
+    ac, tok = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit, device)
     assert ac.unfused_reason is None and ac.fused
     prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:6]], 32)
     cfg = dict(temperature=0.8, response_length=10, forward_batch_size=4, group_by_length=True)
@@ -269,14 +279,14 @@ def test_fused_roles_give_what_one_forward_per_role_gives(rlhf_registry, tiny_da
     assert all(g.abs().max() > 0 for n, g in grads[True].items() if "lora_B" in n), "an adapter got no gradient"
 
 
-def test_roles_fall_back_to_one_forward_each_when_the_fused_forward_disagrees(rlhf_registry, monkeypatch):
+def test_roles_fall_back_to_one_forward_each_when_the_fused_forward_disagrees(rlhf_registry, monkeypatch, device):
     """A model whose logits are not its LM head on the last hidden state (e.g. soft-capped) must not be fused: the
     start-up probe sees the difference, keeps one forward per role and says why."""
     from rlhf.ppo.actor_critic import ActorCritic
 
     lm_logits = ActorCritic._lm_logits
     monkeypatch.setattr(ActorCritic, "_lm_logits", lambda self, h, n: 30 * torch.tanh(lm_logits(self, h, n) / 30))
-    ac, _ = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit=False)
+    ac, _ = _actor_critic_with_distinct_adapters(rlhf_registry, load_in_4bit=False, device=device)
     assert not ac.fused and ac.unfused_reason.startswith("reference logits differ by")
 
 
@@ -338,9 +348,14 @@ def test_cli_end_to_end_trains_the_policy_and_registers_with_parents(rlhf_regist
     assert not list((reg / ".work").glob("ppo-*")), "work folder left behind after registering"
 
 
-def test_killed_run_resumes_and_matches_an_uninterrupted_run(rlhf_registry, tiny_data, tmp_path):
-    """SIGKILL after a checkpoint, then --resume: the following steps match an uninterrupted run."""
-    args = ["--data", str(tiny_data["prompts"]), *TINY_PPO, "--total_episodes", "32", "--num_ppo_epochs", "1"]
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(rlhf_registry, tiny_data, tmp_path, estimator):
+    """SIGKILL after a checkpoint, then --resume: the following steps match an uninterrupted run (with a critic,
+    and without one: the checkpoint then holds the policy alone)."""
+    args = ["--data", str(tiny_data["prompts"]), *TINY_PPO, "--total_episodes", "32", "--num_ppo_epochs", "1",
+            "--advantage_estimator", estimator, "--num_generations", "2"]
+    keys = ("objective/score", "objective/kl", "objective/toxicity", "loss/policy") + (
+        ("val/vf_loss",) if estimator == "gae" else ())
     ref_reg = _copy(rlhf_registry, tmp_path / "a")
     res = run_script("stages/03_ppo.py", "--registry", str(ref_reg), *args)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -374,7 +389,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(rlhf_registry, tiny
     resumed = [json.loads(x) for x in (entries[0].path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
     for want, got in zip(reference, resumed):
-        for key in ("objective/score", "objective/kl", "objective/toxicity", "loss/policy", "val/vf_loss"):
+        for key in keys:
             assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-4), (got["step"], key)
     assert not list((reg / ".work").glob("ppo-*")) and not list((reg / ".staging").glob("ppo-*"))
 
@@ -399,7 +414,7 @@ def test_critic_learning_rate_applies_to_the_value_adapter_and_head_only(rlhf_re
 
 @pytest.mark.parametrize("load_in_4bit", [False, True])
 def test_a_wider_value_adapter_starts_as_the_reward_model_and_trains_its_new_directions(rlhf_registry, tmp_path,
-                                                                                          load_in_4bit):
+                                                                                          device, load_in_4bit):
     """value_lora_r above the reward adapter's rank: the critic's first values are still the RM's scores (the copy
     is widened, not replaced), and its new directions get gradients."""
     from safetensors.torch import save_file
@@ -420,10 +435,10 @@ def test_a_wider_value_adapter_starts_as_the_reward_model_and_trains_its_new_dir
     tok = load_tokenizer(model)
     ac = build_actor_critic(model, tok, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8,
                             lora_target_modules="all-linear", reward_dir=reward, separate_reward=None,
-                            device=torch.device("cpu"), value_lora_r=12)
+                            device=device, value_lora_r=12)
     assert ac.model.peft_config["reward"].r == 4 and ac.model.peft_config["value"].r == 12
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]], tok.pad_token_id)
-    rows = torch.arange(3)
+    ids, mask, rows = ids.to(device), mask.to(device), torch.arange(3, device=device)
     with torch.no_grad():
         scores = ac.reward_scores(ids, mask)
         with ac.role(None):  # the base alone, read by the same head: what an unloaded adapter would give
@@ -517,6 +532,8 @@ def test_cli_critic_free_estimators_build_no_critic_and_log_each_reward_componen
                      *extra)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"[ppo] {estimator}: one base" in res.stderr and "policy/ref/reward" in res.stderr
+    if "--fuse_roles" in extra:
+        assert "roles fused: reference+reward in the rollout, the policy alone in the update" in res.stderr
     r = Registry(reg)
     ppo = r.get("ppo:latest")
     assert ppo.parents == [r.get("sft:latest").ref, r.get("reward:latest").ref]
@@ -529,3 +546,25 @@ def test_cli_critic_free_estimators_build_no_critic_and_log_each_reward_componen
     assert not any(k.startswith("val/") for k in rows[0])
     assert 0 < rows[0]["objective/reward/brevity"] <= 0.5
     assert ("loss/kl" in rows[0]) == ("--kl_in_loss" in extra)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--advantage_estimator", "grpo", "--num_generations", "1"],
+     "advantage_estimator grpo compares the responses to one prompt with each other: set num_generations to 2"),
+    (["--advantage_estimator", "rloo", "--num_generations", "3"],
+     "num_generations (3) must divide the responses sampled per step and process, per_device_train_batch_size × "
+     "gradient_accumulation_steps × num_mini_batches = 4 × 1 × 2 = 8"),
+    (["--advantage_estimator", "grpo", "--num_generations", "2", "--value_lora_r", "8"],
+     "value_lora_r is set, but advantage_estimator grpo has no critic"),
+    (["--advantage_estimator", "ppo"], "advantage_estimator must be one of gae, grpo, dr_grpo, rloo"),
+    (["--loss_type", "bnpo"], "loss_type must be one of dapo, grpo, dr_grpo"),
+    (["--reward_funcs", "rm,toxicity,nowhere:fn"], "reward_funcs[2] = 'nowhere:fn': importing nowhere failed"),
+])
+def test_bad_estimator_settings_are_refused_in_one_line_before_anything_loads(rlhf_registry, tiny_data, tmp_path,
+                                                                             args, message):
+    reg = _copy(rlhf_registry, tmp_path)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO, *args)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert Registry(reg).entries("ppo") == []
