@@ -3,9 +3,11 @@
     python stages/04_compare.py --config configs/demo/compare.yaml
     python stages/04_compare.py --ppo_model ppo:<id> --models gpt2=gpt2 --prompts my_prompts.jsonl
 
-Models: by default the `ppo` entry (`ppo_model`) and, from its lineage, its `sft`
-entry and the `pretrain` entry at the root (labels ppo, sft, base); `--models
-label=ref,...` adds models (registry refs, folders or hub ids) or replaces a
+Models: by default the `ppo` entry (`ppo_model`), every other `ppo` entry trained from
+the same `sft` entry, that `sft` entry and the `pretrain` entry at the root; a stage-03
+entry is labelled by its estimator (`ppo` for gae, else `grpo`, `rloo`, ..., with
+`-<id suffix>` when two share one), so runs of several estimators sit side by side.
+`--models label=ref,...` adds models (registry refs, folders or hub ids) or replaces a
 default label. Every model gets the same prompts, sampling settings and seed:
 K samples per prompt (sample j of prompt i is paired across models), greedy
 replies to held-out dialogues, and a forward pass over those dialogues. The held-out dialogues are
@@ -110,6 +112,23 @@ def parse_models(text: str) -> dict[str, str]:
     return out
 
 
+def run_label(entry: Any) -> str:
+    """A stage-03 entry's label: `ppo` for PPO with a critic (gae), else its estimator's name."""
+    estimator = entry.config.get("advantage_estimator", "gae")
+    return "ppo" if estimator == "gae" else estimator
+
+
+def rl_runs(registry: Any, chosen: Any, sft: Any) -> dict[str, str]:
+    """{label: ref}: the chosen ppo entry under its plain label, then every other ppo entry with the same sft parent,
+    oldest first; a label already taken gets the entry id's last 6 characters."""
+    runs = {run_label(chosen): chosen.ref}
+    siblings = [e for e in registry.entries("ppo") if sft is not None and sft.ref in e.parents and e.ref != chosen.ref]
+    for e in siblings:
+        label = run_label(e)
+        runs[label if label not in runs else f"{label}-{e.id[-6:]}"] = e.ref
+    return runs
+
+
 def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, str], Any, Any]:
     """({label: ref} with base first, the reward entry, the ppo entry or None), from the ppo lineage and --models."""
     models: dict[str, str] = {}
@@ -129,7 +148,7 @@ def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, str
             models["base"] = sft.config["base_model"]
         if sft is not None:
             models["sft"] = sft.ref
-        models["ppo"] = ppo.ref
+        models.update(rl_runs(registry, ppo, sft))
         reward_ref = reward_ref or ppo.config.get("reward_model") or next(
             (e.ref for e in lineage if e.stage == "reward"), "")
     models.update(parse_models(cfg.models))
@@ -349,8 +368,9 @@ def main(cfg: CompareStageConfig) -> dict:
                                      "toxicity": float(r.toxicity[i, j]), "eos": bool(r.has_eos[i * K + j])}
                                     for j in range(K)] for label, r in runs.items()}}
                for i, p in enumerate(prompts)]
-    training_log = ppo_entry.path / "metrics.jsonl" if ppo_entry is not None else None
-    files = write_report(result, samples, out_dir, training_log=training_log)
+    training_logs = {label: registry.get(ref).path / "metrics.jsonl" for label, ref in models.items()
+                     if ref.startswith("ppo:")}
+    files = write_report(result, samples, out_dir, training_logs=training_logs)
     log(f"[compare] done in {time.time() - started:.0f}s; report: {files['report.md']}")
     return result
 

@@ -114,7 +114,7 @@ def _load_stage():
     return load_stage("04_compare.py")
 
 
-def register_fake_ppo(reg_root: Path, reward: Entry, seed: int = 1, steps: int = 5) -> Entry:
+def register_fake_ppo(reg_root: Path, reward: Entry, seed: int = 1, steps: int = 5, estimator: str = "gae") -> Entry:
     """A `ppo` entry on sft:latest: a random (non-zero) `policy` LoRA adapter, tokenizer and a metrics.jsonl."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -133,7 +133,8 @@ def register_fake_ppo(reg_root: Path, reward: Entry, seed: int = 1, steps: int =
     (staged / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     final = {k: v for k, v in rows[-1].items() if "/" in k}
     return reg.register("ppo", staged, parents=[sft.ref, reward.ref],
-                        config={"sft_model": sft.ref, "reward_model": reward.ref}, metrics=final)
+                        config={"sft_model": sft.ref, "reward_model": reward.ref, "advantage_estimator": estimator},
+                        metrics=final)
 
 
 TINY_COMPARE = ["--max_prompts", "9", "--samples_per_prompt", "2", "--max_new_tokens", "8",
@@ -143,9 +144,11 @@ TINY_COMPARE = ["--max_prompts", "9", "--samples_per_prompt", "2", "--max_new_to
 
 @pytest.fixture(scope="module")
 def compare_registry(rlhf_registry, tmp_path_factory) -> Path:
-    """pretrain + a tiny SFT + a fake reward (conftest's `rlhf_registry`, copied) + a fake ppo entry."""
+    """pretrain + a tiny SFT + a fake reward (conftest's `rlhf_registry`, copied) + two fake stage-03 entries of that
+    SFT: a GRPO run, then a PPO run (ppo:latest)."""
     reg = tmp_path_factory.mktemp("compare") / "runs"
     shutil.copytree(rlhf_registry, reg)
+    register_fake_ppo(reg, Registry(reg).get("reward:latest"), seed=2, steps=3, estimator="grpo")
     register_fake_ppo(reg, Registry(reg).get("reward:latest"))
     return reg
 
@@ -173,9 +176,11 @@ def test_compare_writes_every_report_file_with_the_documented_shape(compare_run)
 
     result = json.loads((out / "metrics.json").read_text())
     registry = Registry(reg)
-    assert list(result["models"]) == ["base", "sft", "ppo", "sft2"]  # defaults from the ppo lineage, then --models
+    # Defaults from the ppo lineage, every stage-03 run of its SFT labelled by estimator, then --models.
+    assert list(result["models"]) == ["base", "sft", "ppo", "grpo", "sft2"]
+    grpo = next(e for e in registry.entries("ppo") if e.config["advantage_estimator"] == "grpo")
     assert result["refs"] == {"base": registry.get("pretrain:latest").ref, "sft": registry.get("sft:latest").ref,
-                              "ppo": registry.get("ppo:latest").ref, "sft2": "sft:latest"}
+                              "ppo": registry.get("ppo:latest").ref, "grpo": grpo.ref, "sft2": "sft:latest"}
     assert result["prompts"] == 9 and result["samples_per_prompt"] == 2
     assert result["adversarial_prompts"] == 3  # tiny data: every third prompt is adversarial
     for label, metrics in result["models"].items():
@@ -186,7 +191,7 @@ def test_compare_writes_every_report_file_with_the_documented_shape(compare_run)
         assert 0 <= metrics["toxicity_rate"] <= 1 and 0 <= metrics["eos_rate"] <= 1
         assert metrics["perplexity"] > 1
     assert result["models"]["base"]["kl_to_base"] == 0.0
-    assert set(result["win_rate"]) == {"sft_vs_base", "ppo_vs_base", "sft2_vs_base"}
+    assert set(result["win_rate"]) == {"sft_vs_base", "ppo_vs_base", "grpo_vs_base", "sft2_vs_base"}
     for comparison in ("sft_vs_base", "ppo_vs_base"):
         ci = result["ci"][comparison]
         assert ci["win_rate"]["value"] == result["win_rate"][comparison]
@@ -211,7 +216,7 @@ def test_compare_report_md_has_the_headline_table_second_and_html_is_self_contai
     assert title.startswith("# ") and "\n" not in title
     lines = table.splitlines()
     assert lines[0].startswith("| model |") and "win rate vs base" in lines[0] and "KL to base" in lines[0]
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["base", "sft", "ppo", "sft2"]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["base", "sft", "ppo", "grpo", "sft2"]
 
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2

@@ -1,6 +1,6 @@
 """The comparison report (stage 04): metrics.json, samples.jsonl, report.md, report.html, PNG plots.
 
-`write_report(result, samples, out_dir, training_log=...)` writes, into `out_dir`:
+`write_report(result, samples, out_dir, training_logs=...)` writes, into `out_dir`:
 
     metrics.json         `result` as is (NaN written as null)
     samples.jsonl        one line per prompt: category, messages, every model's K samples with reward/toxicity
@@ -8,7 +8,8 @@
                          `text.split("\\n\\n")[1]`), then settings, differences vs base with CIs, models, plots
     report.html          self-contained (inline CSS, plots as base64 PNG): the tables, the plots, then the
                          first sample of every model side by side per prompt, adversarial prompts first
-    training_curves.png  PPO score, toxicity, KL and KL coefficient per step (when a training log exists)
+    training_curves.png  stage-03 score, toxicity, KL and KL coefficient per step, one line per RL run (when a
+                         training log exists)
     reward_toxicity.png  per model: reward and toxicity rate (all / adversarial prompts) with CI error bars
 
 matplotlib is imported inside the plotting functions (Agg backend, no display needed).
@@ -44,7 +45,7 @@ CURVES = (("objective/score", "RM score (normalized)"), ("objective/toxicity", "
 
 
 def write_report(result: dict[str, Any], samples: list[dict], out_dir: Path,
-                 training_log: Path | None = None) -> dict[str, Path]:
+                 training_logs: dict[str, Path] | None = None) -> dict[str, Path]:
     """Write every report file (see the module docstring); return {file name: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,8 +53,8 @@ def write_report(result: dict[str, Any], samples: list[dict], out_dir: Path,
     files["metrics.json"].write_text(json.dumps(json_safe(result), indent=2, sort_keys=False) + "\n")
     files["samples.jsonl"].write_text("".join(json.dumps(json_safe(s)) + "\n" for s in samples))
     plots: dict[str, Path] = {}
-    if training_log is not None and plot_training_curves(Path(training_log), out_dir / "training_curves.png"):
-        plots["PPO training curves"] = out_dir / "training_curves.png"
+    if training_logs and plot_training_curves(training_logs, out_dir / "training_curves.png"):
+        plots["RL training curves"] = out_dir / "training_curves.png"
     plot_reward_toxicity(result, out_dir / "reward_toxicity.png")
     plots["Reward and toxicity rate per model (95% CI)"] = out_dir / "reward_toxicity.png"
     files.update({p.name: p for p in plots.values()})
@@ -159,12 +160,16 @@ def markdown_report(result: dict[str, Any], plots: dict[str, Path]) -> str:
 # ---------------------------------------------------------------------------- plots
 
 
-def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> bool:
-    """Score, toxicity, KL and KL coefficient per PPO step from a metrics.jsonl; False when there is no log."""
-    if not metrics_jsonl.is_file():
-        return False
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    if not rows:
+def plot_training_curves(metrics_jsonl: dict[str, Path], out_png: Path) -> bool:
+    """Score, toxicity, KL and KL coefficient per step, one line per run ({label: its metrics.jsonl}); False when
+    no run has a log."""
+    logs = {}
+    for label, path in metrics_jsonl.items():
+        if Path(path).is_file():
+            rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            if rows:
+                logs[label] = rows
+    if not logs:
         return False
     import matplotlib
 
@@ -172,18 +177,21 @@ def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
-    steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
     for ax, (key, title) in zip(axes.flat, CURVES):
-        points = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
-        if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 50 else None, color="tab:blue")
-        else:
+        drawn = False
+        for label, rows in logs.items():
+            points = [(r.get("step", i + 1), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
+                drawn = True
+        if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
-        ax.set_xlabel("PPO step")
-    fig.suptitle("PPO training (ppo entry's metrics.jsonl)")
+        ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("RL training (each run's metrics.jsonl)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
