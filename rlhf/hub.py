@@ -3,10 +3,11 @@
 `is_hub_id` decides whether a name can be a hub repository (`name` or
 `owner/name`); `rlhf.models.resolve_model` and `rlhf.data_sources.is_local` ask
 it before treating a name as a model or dataset on the hub. `unreachable` asks
-the hub endpoint (`HF_ENDPOINT`) once, within a bounded time, so that an
-offline machine fails in seconds instead of waiting out the libraries' retries.
+the hub endpoint (`HF_ENDPOINT`), or another URL such as a detoxify checkpoint's
+(`rlhf.safety`), once, within a bounded time, so that an offline machine fails in
+seconds instead of waiting out the libraries' retries.
 
-Import cost: the standard library only; huggingface_hub is imported inside `unreachable`.
+Import cost: the standard library only; huggingface_hub is imported inside `unreachable`, when it probes the hub.
 """
 
 from __future__ import annotations
@@ -22,23 +23,26 @@ def is_hub_id(name: str) -> bool:
     return _HUB_ID.fullmatch(name) is not None
 
 
-def unreachable(timeout: float) -> str | None:
-    """None when the hub endpoint answers (any HTTP status), else why not; bounded even when DNS hangs.
+def unreachable(timeout: float, url: str | None = None) -> str | None:
+    """None when `url` (default: the hub endpoint) answers (any HTTP status), else why not; bounded even when DNS
+    hangs.
 
-    The request runs in a daemon thread given `timeout + 2` seconds in all, because
-    `urlopen`'s own timeout does not cover name resolution.
+    One HEAD request (redirects followed, as a download would follow them) runs in a daemon thread given
+    `timeout + 2` seconds in all, because `urlopen`'s own timeout does not cover name resolution.
     """
     import threading
     import urllib.error
     import urllib.request
 
-    from huggingface_hub import constants
+    if url is None:
+        from huggingface_hub import constants
 
+        url = constants.ENDPOINT
     outcome: list[str | None] = []
 
     def probe() -> None:
         try:
-            request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+            request = urllib.request.Request(url, method="HEAD")
             urllib.request.urlopen(request, timeout=timeout).close()
             outcome.append(None)
         except urllib.error.HTTPError:

@@ -16,9 +16,33 @@ Backend specs (`load_scorer(spec)`; `scorer.spec` is the backend actually used, 
   architecture's `config.json` (with the checkpoint's `num_labels`) and tokenizer files, for fully offline use.
 - `profanity-check`: alt-profanity-check, a linear model over word n-grams shipped inside its wheel.
   Always available offline; it sees profanity more than subtle toxicity.
+- `better-profanity`: the better-profanity package's word list (with leetspeak spellings of each word), inside
+  its wheel: 1.0 when a text contains a listed word or phrase, else 0.0. Offline; pure Python, its time grows
+  with the number of words, so it suits short responses. Meant as a held-out judge (below), not as a reward.
 - `auto`, `auto:NAME`, `auto:/path/model.ckpt[?config=DIR]`: detoxify (`original` unless named) when its
-  checkpoint (and config folder, when given) is already on disk, else profanity-check. The choice is logged
-  and made once, in `load_scorer`; a scorer never changes backend afterwards.
+  checkpoint (and config folder, when given) is already on disk; else, for a NAME, when detoxify can download it
+  now: a bounded probe (`rlhf.hub.unreachable`) of the checkpoint's URL and, unless `HF_HUB_OFFLINE` is set, of
+  the hub that serves its base model's config and tokenizer; then detoxify's own loader downloads it into the
+  torch hub cache. Otherwise (or when that download fails) profanity-check. The choice is made once, in
+  `load_scorer`, and one log line says which scorer and why; `scorer.reason` keeps the why and `describe()`
+  records it in the registry entry. A scorer never changes backend afterwards.
+
+Families, and the held-out judge (`scorer_family`, `heldout_judge_spec`). A policy trained against one scorer
+can learn that scorer's blind spots, so the judge that measures it should be of another family;
+`heldout_judge_spec(reward_spec)` picks one:
+
+| family | specs | how it scores | learned from |
+|---|---|---|---|
+| `detoxify-original` | `detoxify:original`, `detoxify:original-small` | BERT / ALBERT classifier | Jigsaw 2018 (Wikipedia comments) |
+| `detoxify-unbiased` | `detoxify:unbiased`, `detoxify:unbiased-small` | RoBERTa / ALBERT classifier | Jigsaw 2019 (Civil Comments); detoxify's changelog says the current RoBERTa weights also saw the 2018 data |
+| `detoxify-multilingual` | `detoxify:multilingual` | XLM-R classifier | both of the above, translated |
+| `detoxify-checkpoint` | `detoxify:/path/model.ckpt[?config=DIR]` | a detoxify-format classifier | unknown here |
+| `profanity-check` | `profanity-check` | linear SVM on word n-grams | Davidson et al.'s tweets + Jigsaw 2018 |
+| `lexicon` | `better-profanity` | word list | nothing (hand-made list) |
+
+The judge of original is unbiased and the reverse (another architecture, label set and main data set; not
+disjoint data, see above); of profanity-check the lexicon and the reverse; of multilingual and of a local
+checkpoint the lexicon, the one family that certainly learned from none of their data.
 
 Findings about detoxify 0.5.4 that shape this module:
 
@@ -35,7 +59,7 @@ Findings about detoxify 0.5.4 that shape this module:
   `model_max_length`; a tokenizer folder without that setting would not truncate at all, so it is clamped
   to the model's position embeddings.
 
-`import rlhf.safety` imports none of torch, transformers, detoxify or sklearn; `load_scorer` does.
+`import rlhf.safety` imports none of torch, transformers, detoxify, sklearn or better_profanity; `load_scorer` does.
 """
 
 from __future__ import annotations
@@ -49,6 +73,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rlhf import hub
 from rlhf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -56,13 +81,34 @@ logger = logging.getLogger(__name__)
 DETOXIFY_MODELS = ("original", "unbiased", "multilingual", "original-small", "unbiased-small")
 CONFIG_SEP = "?config="
 MAX_LABEL = "max"  # label option: the max over all of a model's classes
+PROBE_TIMEOUT_S = 3.0  # each reachability probe of `auto` (rlhf.hub.unreachable gives it 2 s more in all)
+
+# The family of each named spec, and the default held-out judge of each family (module docstring's table).
+_FAMILIES = {
+    "profanity-check": "profanity-check",
+    "better-profanity": "lexicon",
+    "detoxify:original": "detoxify-original",
+    "detoxify:original-small": "detoxify-original",
+    "detoxify:unbiased": "detoxify-unbiased",
+    "detoxify:unbiased-small": "detoxify-unbiased",
+    "detoxify:multilingual": "detoxify-multilingual",
+}
+_JUDGE_OF_FAMILY = {
+    "detoxify-original": "detoxify:unbiased",
+    "detoxify-unbiased": "detoxify:original",
+    "detoxify-multilingual": "better-profanity",
+    "detoxify-checkpoint": "better-profanity",
+    "profanity-check": "better-profanity",
+    "lexicon": "profanity-check",
+}
 
 
 class ToxicityScorer:
     """Scores texts in [0, 1]; subclasses implement `_score_batch` for non-empty strings.
 
     `spec` is the resolved backend spec (what `load_scorer` would need to rebuild this scorer),
-    `requested` the spec the caller asked for (e.g. `auto`), `label` the output class used.
+    `requested` the spec the caller asked for (e.g. `auto`), `label` the output class used,
+    `reason` why this backend (what `auto` found; a named spec is its own reason).
     """
 
     spec: str
@@ -70,6 +116,7 @@ class ToxicityScorer:
     label: str
     threshold: float
     batch_size: int
+    reason: str = "named in the spec"
 
     @property
     def name(self) -> str:
@@ -77,7 +124,8 @@ class ToxicityScorer:
 
     def describe(self) -> dict[str, Any]:
         """What a registry entry records about the scorer it used."""
-        return {"spec": self.spec, "requested": self.requested, "label": self.label, "threshold": self.threshold}
+        return {"spec": self.spec, "requested": self.requested, "label": self.label, "threshold": self.threshold,
+                "reason": self.reason}
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
         """(N,) float64 scores in [0, 1]; empty strings score 0 without reaching the model."""
@@ -99,10 +147,14 @@ class ToxicityScorer:
         raise NotImplementedError
 
 
+def _check_single_output(spec: str, label: str) -> None:
+    if label not in ("toxicity", MAX_LABEL):
+        raise ConfigError(f"toxicity label {label!r}: {spec} has one output; use 'toxicity' or 'max'")
+
+
 class ProfanityCheckScorer(ToxicityScorer):
     def __init__(self, *, requested: str, label: str, threshold: float, batch_size: int):
-        if label not in ("toxicity", MAX_LABEL):
-            raise ConfigError(f"toxicity label {label!r}: profanity-check has one output; use 'toxicity' or 'max'")
+        _check_single_output("profanity-check", label)
         from profanity_check import predict_prob  # loads its sklearn model from the wheel
 
         self._predict_prob = predict_prob
@@ -111,6 +163,21 @@ class ProfanityCheckScorer(ToxicityScorer):
 
     def _score_batch(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self._predict_prob(texts), dtype=np.float64)
+
+
+class BetterProfanityScorer(ToxicityScorer):
+    """1.0 when a text holds a word or phrase of better-profanity's list (or a leetspeak spelling of one), else 0.0."""
+
+    def __init__(self, *, requested: str, label: str, threshold: float, batch_size: int):
+        _check_single_output("better-profanity", label)
+        from better_profanity import Profanity  # reads the word list inside its wheel
+
+        self._lexicon = Profanity()  # an instance of our own: the package's module-level one is shared and mutable
+        self.spec, self.requested, self.label = "better-profanity", requested, label
+        self.threshold, self.batch_size = threshold, batch_size
+
+    def _score_batch(self, texts: list[str]) -> np.ndarray:
+        return np.array([float(self._lexicon.contains_profanity(t)) for t in texts], dtype=np.float64)
 
 
 class DetoxifyScorer(ToxicityScorer):
@@ -151,24 +218,91 @@ def load_scorer(
     backend, _, arg = spec.partition(":")
     if spec == "profanity-check":
         return ProfanityCheckScorer(**common)
+    if spec == "better-profanity":
+        return BetterProfanityScorer(**common)
     if backend == "detoxify" and arg:
         return _load_detoxify(arg, device=device, **common)
     if backend == "auto":
-        target = arg or "original"
-        found = _detoxify_on_disk(target)
-        if found is None:
-            logger.warning(
-                "toxicity scorer auto: no detoxify checkpoint for %r on disk; using profanity-check "
-                "(run scripts/fetch_assets.py --detoxify original where there is internet)",
-                target,
-            )
-            return ProfanityCheckScorer(**common)
-        logger.info("toxicity scorer auto: using detoxify:%s (checkpoint %s)", target, found)
-        return _load_detoxify(target, device=device, **common)
+        return _load_auto(arg or "original", device=device, **common)
     raise ConfigError(
-        f"unknown toxicity scorer {spec!r}; expected 'profanity-check', 'auto[:NAME|:PATH]', "
+        f"unknown toxicity scorer {spec!r}; expected 'profanity-check', 'better-profanity', 'auto[:NAME|:PATH]', "
         f"'detoxify:NAME' (NAME one of {', '.join(DETOXIFY_MODELS)}) or 'detoxify:/path/model.ckpt[?config=DIR]'"
     )
+
+
+def _load_auto(target: str, *, device: str | None, **common: Any) -> ToxicityScorer:
+    """`auto:target` (module docstring): detoxify when on disk or downloadable now, else profanity-check."""
+    found = _detoxify_on_disk(target)
+    if found is not None:
+        return _chosen(_load_detoxify(target, device=device, **common), f"checkpoint on disk at {found}")
+    blocker = _download_blocker(target)
+    if blocker is None:
+        try:
+            scorer = _load_detoxify(target, device=device, **common)
+        except ConfigError as exc:
+            blocker = f"its download failed ({exc.__cause__ or exc})"
+        else:
+            where = detoxify_cache_path(target)
+            return _chosen(scorer, f"not on disk; downloaded by detoxify's loader into {where}")
+    return _chosen(ProfanityCheckScorer(**common), f"no detoxify:{target} checkpoint on disk, and {blocker}")
+
+
+def _download_blocker(target: str) -> str | None:
+    """None when detoxify can download `target` now, else why not (bounded probes, module docstring)."""
+    if target not in DETOXIFY_MODELS:
+        return "a checkpoint path is never downloaded"
+    from urllib.parse import urlsplit
+
+    from detoxify.detoxify import MODEL_URLS
+    from huggingface_hub import constants
+
+    url = MODEL_URLS[target]
+    why = hub.unreachable(PROBE_TIMEOUT_S, url)
+    if why is not None:
+        return f"its host {urlsplit(url).hostname} is unreachable ({why})"
+    if not constants.HF_HUB_OFFLINE:  # offline, the base model's config and tokenizer must come from the cache
+        why = hub.unreachable(PROBE_TIMEOUT_S)
+        if why is not None:
+            return (f"the Hugging Face hub at {constants.ENDPOINT}, which serves its base model's config and "
+                    f"tokenizer, is unreachable ({why})")
+    return None
+
+
+def _chosen(scorer: ToxicityScorer, reason: str) -> ToxicityScorer:
+    """Record and log (one line) what `auto` chose and why."""
+    scorer.reason = reason
+    if scorer.spec == "profanity-check":
+        logger.warning("toxicity scorer auto: using profanity-check (%s; scripts/fetch_assets.py --detoxify NAME "
+                       "puts a checkpoint on disk where there is internet)", reason)
+    else:
+        logger.info("toxicity scorer auto: using %s (%s)", scorer.spec, reason)
+    return scorer
+
+
+def scorer_family(spec: str) -> str:
+    """The family of a resolved scorer spec (the module docstring's table): `detoxify-original`,
+    `detoxify-unbiased`, `detoxify-multilingual`, `detoxify-checkpoint`, `profanity-check` or `lexicon`."""
+    if spec in _FAMILIES:
+        return _FAMILIES[spec]
+    backend, _, arg = spec.partition(":")
+    if backend == "auto":
+        raise ConfigError(f"toxicity scorer {spec!r} is resolved when it loads; pass the spec it resolved to "
+                          "(scorer.spec, or the ppo entry's toxicity_scorer.spec)")
+    if backend == "detoxify" and arg and arg not in DETOXIFY_MODELS:
+        return "detoxify-checkpoint"
+    raise ConfigError(f"unknown toxicity scorer {spec!r}; expected one of {', '.join(_FAMILIES)} "
+                      "or 'detoxify:/path/model.ckpt[?config=DIR]'")
+
+
+def heldout_judge_spec(reward_spec: str) -> str:
+    """The scorer spec that judges toxicity by default for a policy whose reward used `reward_spec`: one of another
+    family (module docstring). `reward_spec` is the resolved spec (`scorer.spec`, or the ppo entry's
+    `toxicity_scorer.spec`), never `auto`.
+
+    >>> heldout_judge_spec("profanity-check"), heldout_judge_spec("detoxify:original")
+    ('better-profanity', 'detoxify:unbiased')
+    """
+    return _JUDGE_OF_FAMILY[scorer_family(reward_spec)]
 
 
 def _load_detoxify(arg: str, *, device: str | None, **common: Any) -> DetoxifyScorer:

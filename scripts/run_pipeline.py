@@ -1,10 +1,13 @@
 """Run the whole pipeline: demo data, then stages 00 -> 04, each through its own command line.
 
     python scripts/run_pipeline.py --config configs/demo/pipeline.yaml [--force] [--only sft,reward]
+        [--override ppo:total_episodes=256 ...] [--dry-run]
 
 Each stage runs as `python stages/0N_*.py --config <its yaml> --registry R --seed S --reuse`,
 so a stage whose config and inputs are unchanged returns its registered entry instead of
 training again; `--force` drops `--reuse`; `--verbose` is passed on to every stage (all warnings, rlhf.console).
+`--override STAGE:FIELD=VALUE` appends `--FIELD VALUE` to that stage's command line (the stage checks it);
+`--dry-run` prints every command and runs none.
 Stages whose script or config is not there are skipped with a note. A failing stage stops the pipeline with its
 exit code.
 """
@@ -29,6 +32,7 @@ STAGE_SCRIPTS = {
     "sft": "stages/01_sft.py",
     "reward": "stages/02_reward.py",
     "ppo": "stages/03_ppo.py",
+    "dpo": "stages/03_dpo.py",
     "grpo": "stages/03_ppo.py",  # stage 03 with advantage_estimator: grpo (registered as a ppo entry)
     "rloo": "stages/03_ppo.py",  # ... with advantage_estimator: rloo
     "compare": "stages/04_compare.py",
@@ -50,6 +54,20 @@ def load_pipeline(path: Path) -> dict:
     return cfg
 
 
+def stage_overrides(specs: list[str], stages: dict) -> dict[str, list[str]]:
+    """`["ppo:fuse_roles=true", ...]` -> `{"ppo": ["--fuse_roles", "true"], ...}`, for stages of the config."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        stage, _, assignment = spec.partition(":")
+        name, eq, value = assignment.partition("=")
+        if not (stage and name and eq):
+            raise ConfigError(f"--override {spec!r}: expected STAGE:FIELD=VALUE, e.g. ppo:fuse_roles=true")
+        if stage not in stages:
+            raise ConfigError(f"--override {spec!r}: no stage {stage!r} in the config; it has {', '.join(stages)}")
+        out.setdefault(stage, []).extend([f"--{name}", value])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo/pipeline.yaml")
@@ -58,10 +76,14 @@ def main() -> None:
     parser.add_argument("--registry", help="override the registry folder of the config")
     parser.add_argument("--verbose", action="store_true",
                         help="every stage shows all warnings, also the known ones that say nothing actionable")
+    parser.add_argument("--override", action="append", default=[], metavar="STAGE:FIELD=VALUE",
+                        help="pass --FIELD VALUE to STAGE (repeatable), e.g. ppo:fuse_roles=true")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run none")
     args = parser.parse_args()
     console.install(verbose=args.verbose)  # this process's own; each stage installs its own, with --verbose passed on
 
     cfg = load_pipeline(Path(args.config))
+    overrides = stage_overrides(args.override, cfg["stages"])
     registry = args.registry or cfg.get("registry", "runs")
     seed = str(cfg.get("seed", 0))
     only = set(args.only.split(",")) if args.only else None
@@ -78,7 +100,7 @@ def main() -> None:
         t0 = time.time()
         cmd = [sys.executable, "scripts/make_demo_data.py", "--out", str(data.get("out", "data/demo")), "--seed", seed]
         print(f"\n=== data: {' '.join(cmd[1:])}", flush=True)
-        rc = subprocess.call(cmd, cwd=ROOT, env=env)
+        rc = 0 if args.dry_run else subprocess.call(cmd, cwd=ROOT, env=env)
         if rc:
             raise SystemExit(rc)
         timings["data"] = time.time() - t0
@@ -95,7 +117,10 @@ def main() -> None:
             cmd.append("--reuse")
         if args.verbose:
             cmd.append("--verbose")
+        cmd += overrides.get(stage, [])
         print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
+        if args.dry_run:
+            continue
         t0 = time.time()
         rc = subprocess.call(cmd, cwd=ROOT, env=env)
         timings[stage] = time.time() - t0
@@ -103,6 +128,8 @@ def main() -> None:
             print(f"pipeline stopped: stage {stage} exited with {rc}", file=sys.stderr)
             raise SystemExit(rc)
 
+    if args.dry_run:
+        return
     total = time.time() - started
     print("\n=== done in {:.0f}s ({})".format(total, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())))
     print(f"registry: {registry}  (python scripts/registry.py list --registry {registry})")

@@ -18,6 +18,45 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# ---------------------------------------------------------------- the device of in-process tests
+
+# Tests that build models in this process take the `device` fixture: RLHF_DEVICE (`cpu`, the default, or `cuda`,
+# `cuda:N`). Taking it marks a test `device`, so `RLHF_DEVICE=cuda pytest -m device tests` runs exactly those on
+# a GPU (scripts/gpu_check.sh). Stage command lines that tests run pick their device as users' runs do: CUDA when
+# there is one. Asking for CUDA where there is none stops the session with one line; it never falls back.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: builds models on RLHF_DEVICE (takes the `device` fixture)")
+    wanted = os.environ.get("RLHF_DEVICE", "cpu")
+    if wanted == "cpu":
+        return
+    if wanted != "cuda" and not (wanted.startswith("cuda:") and wanted[5:].isdigit()):
+        raise pytest.UsageError(f"RLHF_DEVICE={wanted!r}: expected cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise pytest.UsageError(f"RLHF_DEVICE={wanted} but torch.cuda.is_available() is False "
+                                f"(torch {torch.__version__}); the device tests do not fall back to the CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture
+def device():
+    """The torch.device this test builds its models on (RLHF_DEVICE, default cpu)."""
+    import torch
+
+    return torch.device(os.environ.get("RLHF_DEVICE", "cpu"))
+
+
+# ---------------------------------------------------------------- running scripts
+
+
 def run_script(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python <args>` from the repo root and capture its output as text."""
     full_env = {**os.environ, **(env or {})}
