@@ -515,7 +515,7 @@ def test_reward_model_on_its_own_weights_is_loaded_separately(rlhf_registry, tin
 
 @pytest.mark.parametrize("estimator,extra", [
     ("grpo", ["--kl_in_loss", "true", "--kl_estimator", "k3", "--loss_type", "grpo", "--fuse_roles", "true"]),
-    ("rloo", ["--load_in_4bit", "false"]),
+    ("rloo", ["--load_in_4bit", "false", "--toxicity_budget", "0.0"]),
     ("reinforce_pp", ["--num_generations", "1", "--loss_type", "dr_grpo"]),
 ])
 def test_cli_critic_free_estimators_build_no_critic_and_log_each_reward_component(rlhf_registry, tiny_data, tmp_path,
@@ -546,6 +546,9 @@ def test_cli_critic_free_estimators_build_no_critic_and_log_each_reward_componen
     assert not any(k.startswith("val/") for k in rows[0])
     assert 0 < rows[0]["objective/reward/brevity"] <= 0.5
     assert ("loss/kl" in rows[0]) == ("--kl_in_loss" in extra)
+    if "--toxicity_budget" in extra:  # the Lagrange multiplier on the toxicity component rises above a budget of 0
+        assert rows[0]["objective/reward/toxicity"] > 0
+        assert rows[1]["objective/toxicity_coef"] > rows[0]["objective/toxicity_coef"]
 
 
 @pytest.mark.parametrize("args,message", [
