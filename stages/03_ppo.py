@@ -141,7 +141,10 @@ class PPOStageConfig(StageConfig):
     toxicity_coef_max: float = _help("Constrained mode: multiplier upper bound.", default=20.0)
     logging_steps: int = _help("Print a progress line every N PPO steps (metrics.jsonl gets every step).", default=1)
     sample_steps: int = _help("Log a few sample responses every N PPO steps.", default=10)
-    save_steps: int = _help("Checkpoint every N PPO steps (for --resume).", default=10)
+    save_steps: int = _help("Checkpoint every N PPO steps (for --resume); the policy adapter of each is kept as a "
+                            "snapshot for stage 04's reward–KL frontier.", default=10)
+    max_policy_snapshots: int = _help("Policy snapshots the entry keeps (snapshots/step-N/policy), evenly spread over "
+                                      "the run; 0: none.", default=10)
     dequantize_for_generation: bool | None = _help(
         "Generation computes the 4-bit base's layers with weights dequantized once per rollout instead of at every "
         "token: the same tokens, for a full-precision copy of the base's linear weights while generating. Unset "
@@ -156,6 +159,8 @@ class PPOStageConfig(StageConfig):
     def validate(self) -> None:
         super().validate()
         self.require("data")
+        if self.max_policy_snapshots < 0:
+            raise ConfigError(f"max_policy_snapshots must be >= 0, got {self.max_policy_snapshots}")
         check_positive(self, "total_episodes", "per_device_train_batch_size", "gradient_accumulation_steps",
                        "num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length",
                        "temperature", "learning_rate", "lora_r", "save_steps", "logging_steps", "sample_steps")
@@ -461,13 +466,18 @@ def entry_config(cfg: PPOStageConfig, inputs: Inputs, ac: Any, sizes: Sizes) -> 
             "world_size": sizes.world_size, "batch_size": sizes.batch_size}
 
 
-def save_policy(run: Any, ac: Any, tokenizer: Any, metrics_path: Path) -> Path:
-    """Stage the entry's files: policy and value adapters, value head (with a critic), per-step metrics, tokenizer."""
+def save_policy(run: Any, ac: Any, tokenizer: Any, metrics_path: Path, max_snapshots: int) -> Path:
+    """Stage the entry's files: policy and value adapters, value head (with a critic), per-step metrics, tokenizer,
+    and up to `max_snapshots` policy snapshots (rlhf.ppo.checkpoint.thin_snapshots)."""
     import shutil
 
     from safetensors.torch import save_file
 
+    from rlhf.ppo.checkpoint import thin_snapshots
+
     staged = run.registry.staging_dir("ppo")
+    for snap in thin_snapshots(run.work_dir, max_snapshots):
+        shutil.copytree(snap, staged / "snapshots" / snap.name)
     ac.model.save_pretrained(str(staged), selected_adapters=["policy", "value"] if ac.critic else ["policy"])
     if ac.critic:
         save_file({k: v.detach().cpu().contiguous() for k, v in ac.value_head.state_dict().items()},
@@ -484,10 +494,10 @@ def main(cfg: PPOStageConfig) -> None:
 
     from rlhf.generation import encode_prompts
     from rlhf.models import memory_footprint_mb
-    from rlhf.ppo.checkpoint import load_checkpoint, resume_metrics_log, save_checkpoint
+    from rlhf.ppo.checkpoint import load_checkpoint, resume_metrics_log, save_checkpoint, save_policy_snapshot
     from rlhf.ppo.controllers import LagrangeController
     from rlhf.ppo.distributed import any_process, mean_over_processes
-    from rlhf.ppo.metrics import check_finite, run_summary, step_metrics
+    from rlhf.ppo.metrics import check_finite, run_summary, step_metrics, training_flags
     from rlhf.ppo.rollout import prompt_indices, rollout
     from rlhf.ppo.update import ppo_update
     from rlhf.quant import FreedMemory
@@ -576,6 +586,8 @@ def main(cfg: PPOStageConfig) -> None:
         if (step + 1) % cfg.save_steps == 0 or stopping:
             saved = save_checkpoint(run.work_dir, ac, optimizer, scheduler, controllers, step + 1, rank=rank,
                                     world_size=world)
+            if rank == 0 and cfg.max_policy_snapshots > 0:
+                save_policy_snapshot(run.work_dir, ac, step + 1)
         if stopping:
             log(f"[ppo] interrupted: checkpoint at step {step + 1} saved in {saved}; rerun with --resume")
             if writer is not None:
@@ -587,10 +599,13 @@ def main(cfg: PPOStageConfig) -> None:
     if rank != 0:
         return
     writer.close()
-    staged = save_policy(run, ac, tokenizer, metrics_path)
+    staged = save_policy(run, ac, tokenizer, metrics_path, cfg.max_policy_snapshots)
+    flags = training_flags(history)
+    for flag in flags:
+        log(f"[ppo] flag: {flag}")
     finish(run, staged, cfg, parents=[*sft.parents, rm_entry.ref],
            metrics={**run_summary(history), "model_memory_mb": footprint}, data_fingerprints=inputs.data_fingerprints,
-           extra_config=entry_config(cfg, inputs, ac, sizes))
+           extra_config={**entry_config(cfg, inputs, ac, sizes), "training_flags": flags})
 
 
 if __name__ == "__main__":

@@ -345,6 +345,9 @@ def test_cli_end_to_end_trains_the_policy_and_registers_with_parents(rlhf_regist
     assert len(rows) == 2 and {"objective/score", "objective/toxicity", "objective/kl", "val/explained_variance",
                                "timing/rollout_s", "episodes_per_s"} <= set(rows[0])
     assert list((ppo.path / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events in the entry"
+    # The policy of every checkpointed step (save_steps 1) is kept for stage 04's frontier.
+    assert sorted(p.name for p in (ppo.path / "snapshots").iterdir()) == ["step-1", "step-2"]
+    assert (ppo.path / "snapshots" / "step-1" / "policy" / "adapter_model.safetensors").is_file()
     assert not list((reg / ".work").glob("ppo-*")), "work folder left behind after registering"
 
 

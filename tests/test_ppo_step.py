@@ -94,3 +94,30 @@ def test_prompt_order_is_one_permutation_per_pass_split_between_processes_and_ne
     other_seed = [i for step in range(3) for rank in range(2)
                   for i in prompt_indices(step, rank, batch_size=4, local_batch_size=2, n_prompts=6, seed=4)]
     assert other_seed != stream
+
+
+def test_the_entry_keeps_at_most_n_policy_snapshots_evenly_spread_from_first_to_last(tmp_path):
+    from rlhf.ppo.checkpoint import thin_snapshots
+
+    for step in (8, 16, 24, 32, 40, 48, 56):
+        (tmp_path / "snapshots" / f"step-{step}").mkdir(parents=True)
+    (tmp_path / "snapshots" / "tmp-step-64").mkdir()  # cut off mid-write: never kept
+    names = lambda keep: [p.name for p in thin_snapshots(tmp_path, keep)]  # noqa: E731
+    assert names(10) == [f"step-{s}" for s in (8, 16, 24, 32, 40, 48, 56)]
+    assert names(3) == ["step-8", "step-32", "step-56"]  # indices 0, 3, 6 of 7
+    assert names(1) == ["step-56"] and names(0) == []
+
+
+def test_training_flags_name_an_accelerating_kl_and_a_collapsing_entropy_but_not_a_steady_run():
+    from rlhf.ppo.metrics import training_flags
+
+    steady = [{"objective/kl": 0.1 * s, "policy/entropy": 2.0} for s in range(12)]
+    assert training_flags(steady) == []
+    # KL: slope 0.1 over steps 0-5, then 0.5 per step; entropy 2.0 → 0.5.
+    bad = [{"objective/kl": 0.1 * s if s < 6 else 0.5 + 0.5 * (s - 5), "policy/entropy": 2.0 if s < 3 else 0.5}
+           for s in range(12)]
+    flags = training_flags(bad)
+    assert len(flags) == 2
+    assert flags[0].startswith("KL accelerating: +0.100/step over the first half of the steps, +0.500/step")
+    assert flags[1] == "entropy collapsing: 2.000 over the first quarter of the steps, 0.500 over the last"
+    assert training_flags(bad[:7]) == []  # too short to tell

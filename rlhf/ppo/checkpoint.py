@@ -11,6 +11,10 @@ temporary folder, then process 0 writes the rest and renames the folder into pla
 without `trainer_state.json` was cut off mid-save and is never resumed from
 (`rlhf.stage.StageRun.last_checkpoint`). `--resume` then continues exactly where the checkpoint
 left off, with the same number of processes.
+
+Besides, process 0 keeps the policy adapter of every checkpointed step as `snapshots/step-<step>/policy/`
+(`save_policy_snapshot`); the entry keeps at most `max_policy_snapshots` of them, evenly spread over the
+run (`thin_snapshots`), for stage 04's reward–KL frontier.
 """
 
 from __future__ import annotations
@@ -76,6 +80,30 @@ def load_checkpoint(folder: Path, ac: Any, optimizer: Any, scheduler: Any, contr
     for k, c in controllers.items():
         c.load_state_dict(meta["controllers"][k])
     return meta
+
+
+def save_policy_snapshot(work_dir: Path, ac: Any, step: int) -> Path:
+    """The policy adapter at `step` as `snapshots/step-<step>/policy/` (written to a temporary name, then renamed)."""
+    folder = work_dir / "snapshots" / f"step-{step}"
+    tmp = work_dir / "snapshots" / f"tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ac.model.save_pretrained(str(tmp), selected_adapters=["policy"])
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def thin_snapshots(folder: Path, keep: int) -> list[Path]:
+    """The snapshots `snapshots/step-<n>/` of `folder` to keep: all when there are at most `keep`, else `keep` of them
+    evenly spread from the first to the last (0: none). Steps after `last_step` (left by a crash) are not listed."""
+    snaps = sorted((p for p in (folder / "snapshots").glob("step-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    if keep <= 0 or not snaps:
+        return []
+    if len(snaps) <= keep:
+        return snaps
+    picks = sorted({round(i * (len(snaps) - 1) / (keep - 1)) for i in range(keep)}) if keep > 1 else [len(snaps) - 1]
+    return [snaps[i] for i in picks]
 
 
 def resume_metrics_log(path: Path, steps: int, rank: int) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@
     val/         value loss, its clip fraction, explained variance (with a critic only)
     response/    length, EOS rate          timing/  rollout and update seconds, episodes_per_s
 
-`step_metrics` builds a step's dict; `run_summary` the entry's final metrics from every step's.
+`step_metrics` builds a step's dict; `run_summary` the entry's final metrics from every step's;
+`training_flags` what in the run's course looks like trouble (reward hacking's usual signs).
 """
 
 from __future__ import annotations
@@ -80,3 +81,40 @@ def run_summary(history: list[dict[str, Any]]) -> dict[str, float]:
         "toxicity_last_quarter": mean(last, "objective/toxicity"), "steps": history[-1]["step"],
     })
     return final
+
+
+def _slope(ys: list[float]) -> float:
+    """Least-squares slope of ys against 0, 1, 2, ..."""
+    import numpy as np
+
+    return float(np.polyfit(np.arange(len(ys)), np.asarray(ys, dtype=float), 1)[0]) if len(ys) > 1 else 0.0
+
+
+def training_flags(history: list[dict[str, Any]], *, kl_factor: float = 2.0, entropy_factor: float = 0.5) -> list[str]:
+    """Warnings about the run's course (OpenRLHF #1263's list), each one line; [] when nothing stands out or the
+    run is shorter than 8 steps:
+
+        KL accelerating     the KL's slope over the second half of the steps is more than `kl_factor` times its
+                            slope over the first half (and rising): the policy is leaving the reference faster
+                            and faster, the usual start of over-optimization
+        entropy collapsing  the policy's entropy over the last quarter is below `entropy_factor` times the first
+                            quarter's: it is becoming deterministic, so sampling stops exploring
+    """
+    import numpy as np
+
+    if len(history) < 8:
+        return []
+    flags = []
+    kl = [r["objective/kl"] for r in history]
+    half = len(kl) // 2
+    first, second = _slope(kl[:half]), _slope(kl[half:])
+    if second > 0 and second > kl_factor * max(first, 0.0):
+        flags.append(f"KL accelerating: {first:+.3f}/step over the first half of the steps, {second:+.3f}/step over "
+                     f"the second (final KL {kl[-1]:.2f})")
+    ent = [r["policy/entropy"] for r in history if "policy/entropy" in r]
+    if len(ent) >= 8:
+        q = len(ent) // 4
+        a, b = float(np.mean(ent[:q])), float(np.mean(ent[-q:]))
+        if b < entropy_factor * a:
+            flags.append(f"entropy collapsing: {a:.3f} over the first quarter of the steps, {b:.3f} over the last")
+    return flags
