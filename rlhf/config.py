@@ -278,6 +278,8 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
         help_text = f.metadata.get("help", "").replace("%", "%%")
         if f.default is not dataclasses.MISSING:
             help_text += f" (default: {f.default})"
+        elif f.default_factory is not dataclasses.MISSING:
+            help_text += f" (default: {f.default_factory()})"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if inner is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")

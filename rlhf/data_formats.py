@@ -297,6 +297,19 @@ def split_implicit_prompt(record: Record) -> Record:
     }
 
 
+def explicit_pairs(records: Iterable[Record]) -> list[Record]:
+    """Validated preference records in the explicit form {prompt, chosen, rejected} (implicit-prompt ones split),
+    with their `kind` when they carry one (the demo's: rude / off_topic / adversarial); other keys dropped.
+
+    >>> user = {"role": "user", "content": "Hi?"}
+    >>> explicit_pairs([{"chosen": [user, {"role": "assistant", "content": "Hello!"}],
+    ...                  "rejected": [user, {"role": "assistant", "content": "Go away."}], "id": 7}])[0]["prompt"]
+    [{'role': 'user', 'content': 'Hi?'}]
+    """
+    pairs = [split_implicit_prompt(r) for r in records]
+    return [{k: p[k] for k in ("prompt", "chosen", "rejected", "kind") if k in p} for p in pairs]
+
+
 # --------------------------------------------------------------------------- adapters
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
@@ -359,6 +372,7 @@ __all__ = [
     "Adapter",
     "Record",
     "describe",
+    "explicit_pairs",
     "hh_rlhf_to_preference",
     "load_schema",
     "plural",

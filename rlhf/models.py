@@ -9,11 +9,18 @@ reached (offline machines otherwise hang in retries).
 (never EOS: masking pads must never mask a real end of turn), an EOS that ends
 assistant turns, and a chat template. Hub models without a chat template get
 the demo's (`rlhf.chat_format`), with its special tokens added; the caller then
-resizes the model's embeddings (`fit_embeddings`).
+resizes the model's embeddings (`fit_embeddings`). A template that ends assistant
+turns with another token than the tokenizer's EOS (Qwen2.5 base: <|im_end|> vs
+<|endoftext|>; Llama 3: <|eot_id|> vs <|end_of_text|>; Gemma: <end_of_turn> vs <eos>;
+Phi-3: <|end|> vs <|endoftext|>) gets that token as its EOS, as the families' instruct
+releases and TRL's `SFTConfig.eos_token` do, so generation stops, PPO's masks end and the
+reward model reads its score where a reply ends. `fit_embeddings` keeps the model's own
+stop tokens (its generation config) besides it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +128,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> "PreTrainedTok
             {"eos_token": chat_format.EOS, "additional_special_tokens": list(chat_format.ROLE_TOKENS.values())}
         )
         tok.chat_template = chat_format.CHAT_TEMPLATE
+    end_of_turn = chat_format.end_of_turn_token(tok) if isinstance(tok.chat_template, str) else None
+    if end_of_turn is not None and end_of_turn != tok.eos_token:
+        if tok.eos_token is not None:  # the template keeps rendering the EOS it was written for (Phi-3's last line)
+            tok.chat_template = "{%- set eos_token = " + json.dumps(tok.eos_token) + " %}" + tok.chat_template
+        tok.add_special_tokens({"eos_token": end_of_turn})  # already in the vocabulary: nothing is added
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": chat_format.PAD})
     tok.rlhf_added_tokens = len(tok) - n_saved  # tokens added here, which `fit_embeddings` makes room for
@@ -142,7 +154,18 @@ def fit_embeddings(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        stops = stop_token_ids(model, tokenizer)
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+
+
+def stop_token_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+    """The ids that end a generated reply: the tokenizer's EOS (the end of an assistant turn, see
+    `load_tokenizer`) first, then the other stop tokens the model's generation config names (Llama 3's
+    <|end_of_text|>, Gemma's <eos>: what the base model ends a document with)."""
+    config = getattr(model, "generation_config", None)
+    own = getattr(config, "eos_token_id", None) if config is not None else None
+    own = [own] if isinstance(own, int) else list(own or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *(i for i in own if 0 <= i < len(tokenizer))]))
 
 
 def init_new_rows(model: "PreTrainedModel", n_old: int) -> None:
@@ -246,14 +269,18 @@ def trainable_to_compute_dtype(model: Any) -> None:
             param.data = param.data.to(dtype)
 
 
-def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
-                    trust_remote_code: bool = False) -> tuple[Any, Any, ResolvedModel]:
+def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False, trust_remote_code: bool = False,
+                    policy: str | Path | None = None) -> tuple[Any, Any, ResolvedModel]:
     """(model, tokenizer, resolved) for generating with any reference, on the default device.
 
     A `ppo` entry is its SFT base (recorded in the entry's config) with the trained
-    `policy` adapter merged in; `pretrain` / `sft` entries, folders and hub ids load as they are.
+    `policy` adapter merged in; `pretrain` / `sft` / `dpo` entries (LoRA ones hold the merged model),
+    folders and hub ids load as they are. `policy` (ppo entries only) merges another policy adapter of the
+    entry instead of its final one, e.g. a snapshot `snapshots/step-N/policy` (stage 04's reward–KL frontier).
     """
     resolved = resolve_model(ref, registry)
+    if policy is not None and (resolved.entry is None or resolved.entry.stage != "ppo"):
+        raise UserError(f"{ref}: only a ppo entry has policy adapters to merge (got policy={policy})")
     if resolved.entry is not None and resolved.entry.stage == "ppo":
         from peft import PeftModel
 
@@ -261,10 +288,10 @@ def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
         tokenizer = load_tokenizer(str(resolved.entry.path), trust_remote_code)
         model = load_model(base.path, trust_remote_code=trust_remote_code)
         fit_embeddings(model, tokenizer, ref)
-        model = PeftModel.from_pretrained(model, str(resolved.entry.path / "policy")).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(policy or resolved.entry.path / "policy")).merge_and_unload()
     else:
         if resolved.entry is not None and resolved.entry.stage == "reward":
-            raise RegistryError(f"{ref}: is a 'reward' entry; a chat model is a pretrain, sft or ppo entry")
+            raise RegistryError(f"{ref}: is a 'reward' entry; a chat model is a pretrain, sft, ppo or dpo entry")
         tokenizer = load_tokenizer(resolved.path, trust_remote_code)
         model = load_model(resolved.path, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
         fit_embeddings(model, tokenizer, ref)
@@ -277,6 +304,29 @@ def load_chat_model(ref: str, registry: Registry, *, load_in_4bit: bool = False,
 def lora_targets(spec: str) -> str | list[str]:
     """peft's `target_modules` from a config string: 'all-linear' or comma-separated module names."""
     return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: str, task_type: str = "CAUSAL_LM") -> Any:
+    """peft's `LoraConfig` of the stages that train LoRA on a causal LM (01 SFT, 03 DPO); `target_modules` as in
+    `lora_targets`."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=task_type,
+                      target_modules=lora_targets(target_modules))
+
+
+def merge_lora(base_path: str, adapter_dir: str | Path, tokenizer: "PreTrainedTokenizerBase",
+               trust_remote_code: bool = False) -> "PreTrainedModel":
+    """The base in full precision with the adapter merged in: a plain model later stages load as a base.
+
+    The base is loaded again (a QLoRA run trained on a 4-bit copy of it) and its embeddings fitted to
+    `tokenizer` exactly as in training (`fit_embeddings`), so the adapter finds the same modules and rows.
+    """
+    from peft import PeftModel
+
+    base = load_model(base_path, trust_remote_code=trust_remote_code)
+    fit_embeddings(base, tokenizer)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def model_positions(path: str, trust_remote_code: bool = False) -> int | None:

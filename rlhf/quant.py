@@ -221,20 +221,28 @@ def mixed_lora_hook(roles: list[str | None], rows: int) -> Callable:
     """A forward hook (`register_forward_hook(..., with_kwargs=True)`) for a LoRA layer whose input is the rows
     repeated once per role: copy k gets the LoRA term of adapter `roles[k]` (`None`: none) added to the base
     layer's output. Out of place, so autograd also works through bitsandbytes' 4-bit matmul, whose output
-    peft's own mixed-adapter batches would modify in place."""
+    peft's own mixed-adapter batches would modify in place.
+
+    The copies are the input's first dimension cut in `len(roles)` equal blocks: `rows` rows each for a
+    (n·rows, T, H) input, `rows`·T tokens each where the model flattens tokens first (OPT's feed-forward
+    layers take (n·rows·T, H)); either way copy k is block k."""
     import torch
     import torch.nn.functional as F
 
     def add_lora(module: Any, args: tuple, kwargs: dict, out: "torch.Tensor") -> "torch.Tensor":
         x = args[0] if args else kwargs["x"]
+        size, left = divmod(out.shape[0], len(roles))
+        if left or size % rows:
+            raise ValueError(f"a LoRA layer's input has {out.shape[0]} rows, not a multiple of {len(roles)} "
+                             f"copies of {rows} rows")
         parts = []
         for k, role in enumerate(roles):
-            part = out[k * rows:(k + 1) * rows]
+            part = out[k * size:(k + 1) * size]
             if role is not None and role in module.lora_A:
                 if role in module.lora_variant:
                     raise NotImplementedError(f"a LoRA variant ({type(module.lora_variant[role]).__name__})")
                 A, B = module.lora_A[role], module.lora_B[role]
-                xk = x[k * rows:(k + 1) * rows].to(A.weight.dtype)
+                xk = x[k * size:(k + 1) * size].to(A.weight.dtype)
                 if module.training:  # dropout is the identity in eval mode, which PPO runs in
                     xk = module.lora_dropout[role](xk)
                 # A and B are plain Linear layers: their weights directly, without a module call each.

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 from rlhf.errors import RegistryError
 
 SCHEMA_VERSION = 1
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
 _LIBS = ("rlhf", "torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers")
 
 _SCHEMA = """

@@ -38,12 +38,14 @@ HEAD_MODULE = "score"  # the score head's attribute name on transformers' *ForSe
 def conversation_ids(tokenizer: Any, messages: list[dict], max_length: int | None = None) -> list[int]:
     """Token ids of a full conversation through the chat template, ending at its last EOS.
 
-    Chat templates close a turn with EOS and then a separator (the demo's `<|end|>\\n`,
-    Qwen's `<|im_end|>\\n`); PPO's generations stop at EOS, so the reward model is
-    trained and read at the EOS itself and whatever the template puts after it is dropped.
+    Chat templates close a turn with EOS and then a separator (the demo's `<|end|>\\n`, Qwen's
+    `<|im_end|>\\n`, which `rlhf.models.load_tokenizer` makes the EOS); PPO's generations stop at EOS, so the
+    reward model is trained and read at the EOS itself and whatever the template puts after it is dropped.
     Longer than `max_length`: the LAST `max_length` tokens are kept (the score is read at the end).
     """
-    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    from rlhf.chat_format import encode
+
+    ids = encode(tokenizer, messages)
     eos = tokenizer.eos_token_id
     if eos in ids:
         ids = ids[: len(ids) - ids[::-1].index(eos)]

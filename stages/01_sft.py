@@ -3,8 +3,11 @@
     python stages/01_sft.py --config configs/demo/sft.yaml
     python stages/01_sft.py --model Qwen/Qwen2.5-0.5B --data HuggingFaceH4/ultrachat_200k --data_split train_sft --mode qlora
 
-TRL's `SFTTrainer` does the training as it ships (`assistant_only_loss=True`: user
-and system tokens carry label -100). Modes: `full` fine-tuning, `lora` (peft) and
+TRL's `SFTTrainer` does the training as it ships, on dialogues tokenized here with
+their assistant mask (`rlhf.chat_format.assistant_mask`: the replies and the EOS closing
+each keep their labels; system and user turns, role headers and separators carry -100),
+so the loss is on assistant tokens under any chat template, not only the ones TRL has a
+training variant of. Modes: `full` fine-tuning, `lora` (peft) and
 `qlora` (LoRA on a 4-bit NF4 base). With LoRA the registered artifact is the
 merged full-precision model, so later stages can load it as a base, quantized or
 not; the adapter is kept in `adapter/`.
@@ -36,15 +39,6 @@ class SFTStageConfig(TrainerStageConfig):
     max_new_tokens: int = _help("Reply length for the BLEU/ROUGE-L evaluation.", default=48)
 
 
-def lora_config(cfg: SFTStageConfig, task_type: str = "CAUSAL_LM"):
-    from peft import LoraConfig
-
-    from rlhf.models import lora_targets
-
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type=task_type,
-                      target_modules=lora_targets(cfg.lora_target_modules))
-
-
 def generation_metrics(model, tokenizer, dialogues: list[dict], cfg: SFTStageConfig) -> dict[str, float]:
     """BLEU and ROUGE-L of greedy replies to held-out dialogues against their last assistant turn."""
     from rlhf.generation import generate_replies
@@ -58,20 +52,19 @@ def generation_metrics(model, tokenizer, dialogues: list[dict], cfg: SFTStageCon
     return {"bleu": bleu(replies, refs), "rouge_l": rouge_l(replies, refs)}
 
 
-def merge_lora(base_path: str, adapter_dir: Path, tokenizer, trust_remote_code: bool):
-    """The base in full precision with the adapter merged in (a plain model later stages load as a base)."""
-    from peft import PeftModel
+def sft_dataset(tokenizer, records: list[dict]):
+    """A `datasets.Dataset` of `input_ids` and `assistant_masks` (SFTTrainer turns the mask into labels)."""
+    from datasets import Dataset
 
-    from rlhf.models import fit_embeddings, load_model
+    from rlhf.chat_format import assistant_mask
 
-    base = load_model(base_path, trust_remote_code=trust_remote_code)
-    fit_embeddings(base, tokenizer)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    rows = [assistant_mask(tokenizer, r["messages"]) for r in records]
+    return Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "assistant_masks": [m for _, m in rows]})
 
 
 def main(cfg: SFTStageConfig) -> None:
-    from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, resolve_model,
-                             trainable_to_compute_dtype)
+    from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, lora_config, merge_lora,
+                             resolve_model, trainable_to_compute_dtype)
     from rlhf.quant import set_cpu_4bit_packing
     from rlhf.registry import Registry
     from rlhf.stage import begin, finish, log, train_eval_data, trainer_kwargs, trainer_metrics
@@ -83,22 +76,21 @@ def main(cfg: SFTStageConfig) -> None:
     run = begin("sft", cfg, {**data.fingerprints, "model": base.entry.ref if base.entry else cfg.model})
     if run.reused:
         return
-    from datasets import Dataset  # heavy imports after the inputs are known to be good: bad input fails in a second
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer  # heavy imports after the inputs are known to be good: bad input fails fast
 
     # 2. Model: full precision, or 4-bit NF4 for QLoRA; LoRA adapters for lora/qlora.
     tokenizer = load_tokenizer(base.path, cfg.trust_remote_code)
     model = load_model(base.path, load_in_4bit=cfg.mode == "qlora", trust_remote_code=cfg.trust_remote_code)
     fit_embeddings(model, tokenizer, cfg.model)
     set_cpu_4bit_packing(model, enabled=False)  # we evaluate, then train: see its docstring
-    peft_config = lora_config(cfg) if cfg.mode in ("lora", "qlora") else None
+    peft_config = (lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+                   if cfg.mode in ("lora", "qlora") else None)
     cfg.max_length = context_length(model, cfg.max_length)
 
-    # 3. Trainer: TRL's SFTTrainer as it ships, assistant tokens only.
-    keep = ["messages"]
-    train_ds = Dataset.from_list([{k: r[k] for k in keep} for r in train_records])
-    eval_ds = Dataset.from_list([{k: r[k] for k in keep} for r in eval_records])
-    args = SFTConfig(**trainer_kwargs(cfg, run), assistant_only_loss=True, max_length=cfg.max_length,
+    # 3. Trainer: TRL's SFTTrainer as it ships, on tokenized dialogues whose labels are their assistant tokens
+    #    (TRL's own assistant_only_loss needs a template with generation markers, which few models ship).
+    train_ds, eval_ds = sft_dataset(tokenizer, train_records), sft_dataset(tokenizer, eval_records)
+    args = SFTConfig(**trainer_kwargs(cfg, run), max_length=cfg.max_length,
                      gradient_checkpointing=cfg.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)

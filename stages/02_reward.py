@@ -68,14 +68,6 @@ def lora_config(cfg: RewardStageConfig):
                       target_modules=lora_targets(cfg.lora_target_modules), modules_to_save=["score"])
 
 
-def explicit_pairs(records: list[dict]) -> list[dict]:
-    """Validated preference records in the explicit form {prompt, chosen, rejected} (implicit-prompt ones split)."""
-    from rlhf.data_formats import split_implicit_prompt
-
-    pairs = [split_implicit_prompt(r) for r in records]
-    return [{k: p[k] for k in ("prompt", "chosen", "rejected", "kind") if k in p} for p in pairs]
-
-
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int | None = None) -> dict[str, list[list[int]]]:
     """RewardTrainer's tokenized columns `chosen_ids` / `rejected_ids`: prompt + reply, ending at the reply's EOS."""
     from rlhf.reward_model import conversation_ids
@@ -112,6 +104,7 @@ def save_reward_adapter(rm, base_path: str, tokenizer, folder: Path, load_in_4bi
 
 
 def main(cfg: RewardStageConfig) -> None:
+    from rlhf.data_formats import explicit_pairs
     from rlhf.models import resolve_model
     from rlhf.registry import Registry
     from rlhf.stage import begin, finish, log, train_eval_data, trainer_kwargs

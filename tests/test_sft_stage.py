@@ -84,9 +84,9 @@ def _assistant_token_flags(tokenizer, messages: list[dict]) -> tuple[list[int], 
 
 
 def test_loss_mask_covers_only_assistant_turns_and_their_eos(pretrained_registry, tmp_path):
-    """SFTTrainer as 01_sft.py builds it: system/user/role-header tokens get label -100, assistant replies
-    (including each closing `<|end|>`) keep their ids, in a multi-turn dialogue; padding is -100 too."""
-    from datasets import Dataset
+    """SFTTrainer as 01_sft.py builds it (its `sft_dataset`): system/user/role-header tokens get label -100,
+    assistant replies (including each closing `<|end|>`) keep their ids, in a multi-turn dialogue; padding is
+    -100 too. (Every architecture family's template: tests/test_arch_matrix.py.)"""
     from trl import SFTConfig, SFTTrainer
 
     from rlhf.models import fit_embeddings, load_model, load_tokenizer
@@ -103,10 +103,10 @@ def test_loss_mask_covers_only_assistant_turns_and_their_eos(pretrained_registry
         {"role": "assistant", "content": "I like tea"},
     ]
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good day"}]
-    args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, max_length=256,
-                     per_device_train_batch_size=2, report_to=[], use_cpu=True, dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": dialogue}, {"messages": short}]),
-                         processing_class=tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=256, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, dataloader_num_workers=0)
+    dataset = _sft_module().sft_dataset(tokenizer, [{"messages": dialogue}, {"messages": short}])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
     examples = [trainer.train_dataset[i] for i in range(2)]
     for example, messages in zip(examples, (dialogue, short)):

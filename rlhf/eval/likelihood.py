@@ -5,8 +5,6 @@ Used by the comparison (stage 04) for KL to the base model and held-out perplexi
 
 from __future__ import annotations
 
-import re
-
 
 def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: list[list[int]],
                           temperature: float, batch_size: int):
@@ -34,17 +32,11 @@ def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: 
 
 
 def assistant_token_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(ids, mask) of a dialogue; mask 1 on assistant tokens (the template's {% generation %} blocks,
-    or, for templates without them, the last assistant turn)."""
-    if re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        return list(enc["input_ids"]), list(enc["assistant_masks"])
-    prompt = list(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"])
-    full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-    n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
-    return full, [0] * n + [1] * (len(full) - n)
+    """(ids, mask) of a dialogue; mask 1 on the assistant replies and the EOS closing each, under any chat
+    template (`rlhf.chat_format.assistant_mask`, the mask stage 01 trains with)."""
+    from rlhf.chat_format import assistant_mask
+
+    return assistant_mask(tokenizer, messages)
 
 
 def assistant_nll(model, tokenizer, dialogues: list[dict], max_length: int, batch_size: int) -> tuple[float, int]:
