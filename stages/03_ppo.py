@@ -493,7 +493,7 @@ def main(cfg: PPOStageConfig) -> None:
     from tqdm import tqdm
 
     from rlhf.generation import encode_prompts
-    from rlhf.models import memory_footprint_mb
+    from rlhf.models import memory_footprint_mb, stop_token_ids
     from rlhf.ppo.checkpoint import load_checkpoint, resume_metrics_log, save_checkpoint, save_policy_snapshot
     from rlhf.ppo.controllers import LagrangeController
     from rlhf.ppo.distributed import any_process, mean_over_processes
@@ -539,6 +539,7 @@ def main(cfg: PPOStageConfig) -> None:
                                      world_size=world)["step"]
         log(f"[ppo] resumed at step {start_step}")
     history = resume_metrics_log(metrics_path, start_step, rank)  # per-step metrics, resumed steps included
+    stops = stop_token_ids(ac.model, tokenizer)  # the end of a turn first, then the model's own stop tokens
     encoded = encode_prompts(tokenizer, [p["messages"] for p in inputs.prompts], cfg.max_prompt_length)
     stop = on_interrupt()
 
@@ -552,7 +553,7 @@ def main(cfg: PPOStageConfig) -> None:
                                          n_prompts=len(encoded), seed=cfg.seed) for _ in range(k)]  # k in a row
         freed_memory.rollout()
         batch = rollout(ac, [encoded[i] for i in idx], pad_token_id=tokenizer.pad_token_id,
-                        eos_token_id=tokenizer.eos_token_id, temperature=cfg.temperature,
+                        eos_token_id=stops, temperature=cfg.temperature,
                         response_length=cfg.response_length, forward_batch_size=cfg.local_rollout_forward_batch_size,
                         group_by_length=cfg.group_by_length, device=dev)
         texts = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)

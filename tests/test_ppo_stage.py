@@ -574,3 +574,30 @@ def test_bad_estimator_settings_are_refused_in_one_line_before_anything_loads(rl
     assert message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert Registry(reg).entries("ppo") == []
+
+
+def test_a_response_ends_at_any_of_the_stop_tokens(rlhf_registry, tiny_data):
+    """Stage 03 passes every stop token of the model (rlhf.models.stop_token_ids: the end of a turn, then e.g. Llama
+    3's <|end_of_text|>): generation stops at any of them and the response's mask ends there. With every id of the
+    vocabulary but one (x) a stop token, a response is x (forced first: min_new_tokens) then x again or a stop."""
+    from rlhf.data import load_records
+    from rlhf.generation import encode_prompts
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo.actor_critic import build_actor_critic
+    from rlhf.ppo.rollout import rollout
+
+    model = _model_dir(rlhf_registry)
+    tok = load_tokenizer(model)
+    ac = build_actor_critic(model, tok, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
+                            reward_dir=None, separate_reward=None, device=torch.device("cpu"), critic=False)
+    prompts = encode_prompts(tok, [r["messages"] for r in load_records(str(tiny_data["prompts"]), "prompt")[:4]], 32)
+    torch.manual_seed(0)
+    x = tok.convert_tokens_to_ids(tok.tokenize(" hello"))[0]
+    stops = [i for i in range(len(tok)) if i != x]
+    out = rollout(ac, prompts, pad_token_id=tok.pad_token_id, eos_token_id=stops, temperature=1.0,
+                  response_length=6, forward_batch_size=4, group_by_length=True, device=torch.device("cpu"))
+    assert out.has_eos.all()
+    for row, n in zip(out.responses, out.mask.sum(1).tolist()):
+        assert n >= 2 and row[:n - 1].tolist() == [x] * (n - 1) and int(row[n - 1]) != x
+        assert (row[n:] == tok.pad_token_id).all()
+    assert out.values is None  # no critic: no value forward

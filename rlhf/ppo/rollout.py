@@ -32,7 +32,7 @@ class Rollout:
     values: Tensor | None  # (B, R) V(s_t) of the critic at sampling time; None without a critic
     has_eos: Tensor  # (B,) the response ended with EOS (else it was cut at response_length)
     prompt_width: int  # P
-    rm_scores: Tensor | None  # (B,) raw RM scores; None when the reward model is separate (scored from text)
+    rm_scores: Tensor | None  # (B,) raw RM scores; None without a reward adapter (a separate RM scores the text)
 
     def __len__(self) -> int:
         return self.responses.shape[0]
@@ -52,7 +52,7 @@ def prompt_indices(step: int, rank: int, *, batch_size: int, local_batch_size: i
     return idx
 
 
-def rollout(ac: Any, prompt_ids: list[list[int]], *, pad_token_id: int, eos_token_id: int, temperature: float,
+def rollout(ac: Any, prompt_ids: list[list[int]], *, pad_token_id: int, eos_token_id: int | list[int], temperature: float,
             response_length: int, forward_batch_size: int, group_by_length: bool, device: torch.device) -> Rollout:
     """Sample one response per prompt with the policy (`ac`: rlhf.ppo.actor_critic.ActorCritic) and compute,
     without gradients, everything the update needs (see `Rollout`)."""
@@ -68,7 +68,8 @@ def rollout(ac: Any, prompt_ids: list[list[int]], *, pad_token_id: int, eos_toke
                           pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                           output_logits=True, return_dict_in_generate=True)
     responses = out.sequences[:, P:]  # (B, R), R <= response_length
-    is_eos = responses == eos_token_id
+    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    is_eos = torch.isin(responses, stops)  # any stop token ends a response (rlhf.models.stop_token_ids)
     # Real tokens: everything up to and including the first EOS.
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     mask = (~after_eos).long()  # (B, R)
@@ -90,7 +91,7 @@ def rollout(ac: Any, prompt_ids: list[list[int]], *, pad_token_id: int, eos_toke
     B = len(query_responses)
     ref_logprobs = torch.zeros(B, R, device=device)
     values = torch.zeros(B, R, device=device) if ac.critic else None
-    rm_scores = torch.zeros(B, device=device) if ac.separate_reward is None else None
+    rm_scores = torch.zeros(B, device=device) if ac.reward_head is not None else None
     with torch.no_grad():
         for rows in length_chunks(attention_mask, forward_batch_size, group_by_length):
             lead, p, r = trim_columns(attention_mask[rows], P)
