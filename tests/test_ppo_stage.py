@@ -564,15 +564,27 @@ def test_cli_critic_free_estimators_build_no_critic_and_log_each_reward_componen
      "value_lora_r is set, but advantage_estimator grpo has no critic"),
     (["--advantage_estimator", "ppo"], "advantage_estimator must be one of gae, grpo, dr_grpo, rloo"),
     (["--loss_type", "bnpo"], "loss_type must be one of dapo, grpo, dr_grpo"),
-    (["--reward_funcs", "rm,toxicity,nowhere:fn"], "reward_funcs[2] = 'nowhere:fn': importing nowhere failed"),
 ])
-def test_bad_estimator_settings_are_refused_in_one_line_before_anything_loads(rlhf_registry, tiny_data, tmp_path,
-                                                                             args, message):
+def test_bad_estimator_settings_are_refused_naming_the_fields(args, message):
+    from conftest import load_stage
+    from rlhf.config import parse_config
+    from rlhf.errors import ConfigError
+
+    ppo = load_stage("03_ppo.py")
+    argv = ["--data", "prompts.jsonl", *TINY_PPO, *args]
+    with pytest.raises(ConfigError) as err:
+        parse_config(ppo.PPOStageConfig, argv)
+    assert message in str(err.value)
+
+
+def test_a_reward_function_that_does_not_import_is_refused_in_one_line_before_anything_loads(rlhf_registry, tiny_data,
+                                                                                            tmp_path):
     reg = _copy(rlhf_registry, tmp_path)
-    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO, *args)
+    res = run_script("stages/03_ppo.py", "--registry", str(reg), "--data", str(tiny_data["prompts"]), *TINY_PPO,
+                     "--reward_funcs", "rm,toxicity,nowhere:fn")
     assert res.returncode != 0
-    assert message in res.stderr, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+    assert "reward_funcs[2] = 'nowhere:fn': importing nowhere failed" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "model memory" not in res.stderr  # before any model loads
     assert Registry(reg).entries("ppo") == []
 
 
