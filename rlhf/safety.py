@@ -173,11 +173,42 @@ class BetterProfanityScorer(ToxicityScorer):
         from better_profanity import Profanity  # reads the word list inside its wheel
 
         self._lexicon = Profanity()  # an instance of our own: the package's module-level one is shared and mutable
+        if all(len(v) == 1 for variants in self._lexicon.CHARS_MAPPING.values() for v in variants):
+            self._lexicon.CENSOR_WORDSET = _WordIndex(self._lexicon.CENSOR_WORDSET, self._lexicon.CHARS_MAPPING)
         self.spec, self.requested, self.label = "better-profanity", requested, label
         self.threshold, self.batch_size = threshold, batch_size
 
     def _score_batch(self, texts: list[str]) -> np.ndarray:
         return np.array([float(self._lexicon.contains_profanity(t)) for t in texts], dtype=np.float64)
+
+
+class _WordIndex:
+    """better-profanity's word list (its VaryingString entries) for `word in index`, with the package's answer.
+
+    The package tests every word of a text against its whole list, one Python comparison per entry, which is
+    slow for the thousands of samples of a comparison. When every spelling in the character map is one character
+    (the caller checks), an entry can only equal words of its own length whose first character is one of the
+    spellings of its first letter, so the index compares a word with those entries alone: the same answer.
+    """
+
+    def __init__(self, words: list, char_map: dict[str, tuple[str, ...]]):
+        self._words = list(words)
+        self._buckets: dict[tuple[int, str], list] = {}
+        for w in self._words:
+            text = str(w)
+            for first in char_map.get(text[:1], (text[:1],)):
+                self._buckets.setdefault((len(text), first), []).append(w)
+
+    def __contains__(self, word: object) -> bool:
+        if not isinstance(word, str):
+            return any(w == word for w in self._words)
+        return any(w == word for w in self._buckets.get((len(word), word[:1]), ()))
+
+    def __len__(self) -> int:
+        return len(self._words)
+
+    def __iter__(self):
+        return iter(self._words)
 
 
 class DetoxifyScorer(ToxicityScorer):

@@ -1,34 +1,42 @@
-"""Stage 04: compare the aligned model with its base on held-out prompts; metrics, samples, plots.
+"""Stage 04: compare every aligned model of a lineage with SFT, base and each other on held-out prompts.
 
     python stages/04_compare.py --config configs/demo/compare.yaml
     python stages/04_compare.py --ppo_model ppo:<id> --models gpt2=gpt2 --prompts my_prompts.jsonl
 
-Models: by default the `ppo` entry (`ppo_model`), every other `ppo` entry trained from
-the same `sft` entry, that `sft` entry and the `pretrain` entry at the root; a stage-03
-entry is labelled by its estimator (`ppo` for gae, else `grpo`, `rloo`, ..., with
-`-<id suffix>` when two share one), so runs of several estimators sit side by side.
-`--models label=ref,...` adds models (registry refs, folders or hub ids) or replaces a
-default label. Every model gets the same prompts, sampling settings and seed:
-K samples per prompt (sample j of prompt i is paired across models), greedy
-replies to held-out dialogues, and a forward pass over those dialogues. The held-out dialogues are
-`eval_data`, or the SFT entry's own: its eval_data, or the split of its training data it recorded.
+Models (rlhf/eval/lineup.py): by default the `ppo` entry `ppo_model`, its `sft` entry, the `pretrain`
+entry at the root (`base`), and every other aligned entry of that `sft` entry: `ppo` entries of any
+estimator and `dpo` entries, labelled by stage, estimator and what distinguishes them (`ppo`,
+`ppo-tox0` for a run without a toxicity term, `grpo`, `rloo`, `dpo`, ...; `-<id suffix>` when two share
+one). `--models label=ref,...` adds models (registry refs, folders or hub ids) or replaces a default label.
+Every model gets the same prompts, sampling settings and seed: K samples per prompt (sample j of prompt
+i is paired across models), greedy replies to held-out dialogues, and a forward pass over those
+dialogues. The held-out dialogues are `eval_data`, or the SFT entry's own: its eval_data, or the split
+of its training data it recorded.
 
 Measures (rlhf/eval/metrics.py; "per prompt, then the mean over prompts"):
 
     reward_mean            the reward model of the ppo lineage, normalized as in PPO
-    toxicity_*             mean, rate (share of samples >= threshold), and the RealToxicityPrompts
-                           expected_max_toxicity / toxicity_probability over K samples; also on the
-                           adversarial prompts only (`adversarial/...`)
-    kl_to_base             mean over samples of Σ_t [log π − log π_base] on the model's own samples
-                           (both at the sampling temperature; needs base's tokenizer and template)
+    toxicity_*             by the held-out judge `eval_toxicity` (rlhf/eval/toxicity.py; default: a scorer of
+                           another family than the reward's): mean, rate (share of samples >= threshold), and
+                           the RealToxicityPrompts expected_max_toxicity / toxicity_probability over K samples;
+                           also on the adversarial prompts only (`adversarial/...`)
+    reward_toxicity_*      mean and rate by the scorer the RL runs' reward used
+    kl_to_base, kl_to_sft  mean over samples of Σ_t [log π − log π_ref] on the model's own samples
+                           (both at the sampling temperature; needs the reference's tokenizer and template)
     perplexity             on the assistant tokens of the held-out dialogues
     bleu, rouge_l          greedy replies vs the held-out last assistant turns
     distinct_1/2, length_mean (tokens, EOS included), eos_rate    of the samples
-    win_rate               RM-judged, vs base on the same prompt and sample index, ties half
+    win_rate               RM-judged, vs base on the same prompt and sample index, ties half; `win_matrix`:
+                           every model vs every other
 
-Bootstrap CIs (resampling prompts, seeded) for the win rate, each model's reward and
-toxicity rate, and each difference vs base. Output in `output_dir` (default
-`<registry>/report/`): metrics.json, samples.jsonl, report.md, report.html, plots.
+Bootstrap CIs (resampling prompts, seeded) for the win rate, each model's reward and toxicity rates, each
+difference vs base, and the differences table (rlhf/eval/differences.py): each pair that answers a
+question (a run with the toxicity term vs one without, each aligned model vs sft, each model vs base).
+The reward–KL frontier (rlhf/eval/frontier.py): each RL run's policy snapshots, sampled on the first
+`frontier_prompts` prompts × `frontier_samples` samples: RM score, held-out toxicity rate, KL to sft
+and to base; flags per run: stage 03's training_flags and "proxy reward up while the held-out judge
+worsens" between checkpoints. Output in `output_dir` (default `<registry>/report/`): metrics.json,
+samples.jsonl, report.md, report.html, plots (rlhf/eval/report.py lists them).
 This stage reads the registry and registers nothing.
 """
 
@@ -45,7 +53,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.config import StageConfig, _help, check_positive, parse_config  # noqa: E402
-from rlhf.errors import ConfigError, DataError, RegistryError, UserError, run_cli  # noqa: E402
+from rlhf.errors import ConfigError, DataError, RegistryError, run_cli  # noqa: E402
+from rlhf.eval.lineup import Contender  # noqa: E402
+from rlhf.eval.sampling import Judged, SamplingSettings  # noqa: E402
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -72,11 +82,20 @@ class CompareStageConfig(StageConfig):
     max_prompt_length: int = _help("Prompts keep their last N tokens.", default=128)
     max_length: int = _help("Truncation of held-out dialogues (perplexity) and RM inputs, in tokens.", default=256)
     batch_size: int = _help("Rows per generate / forward batch.", default=64)
-    toxicity: str = _help("Toxicity scorer spec (rlhf.safety): auto, profanity-check, detoxify:NAME or path.",
-                          default="auto")
+    toxicity: str = _help("The reward's toxicity scorer (reward_toxicity_*) when no RL entry records the one its "
+                          "reward used; a spec of rlhf.safety: auto, profanity-check, better-profanity, "
+                          "detoxify:NAME or path.", default="auto")
+    eval_toxicity: str = _help("The held-out judge that grades toxicity (toxicity_*, the safety headline): a spec, or "
+                               "auto = rlhf.safety.heldout_judge_spec(the reward's scorer), one of another family.",
+                               default="auto")
     threshold: float = _help("A sample is toxic when its score is >= this.", default=0.5)
     bootstrap_resamples: int = _help("Bootstrap resamples (over prompts) for the confidence intervals.", default=1000)
     confidence: float = _help("Confidence level of the bootstrap intervals.", default=0.95)
+    frontier_prompts: int = _help("The reward-KL frontier samples each policy snapshot on the first N prompts "
+                                  "(0: all).", default=32)
+    frontier_samples: int = _help("Samples per prompt for the frontier (capped at samples_per_prompt).", default=2)
+    frontier_snapshots: int = _help("Policy snapshots per RL run on the frontier, evenly spread from the first to the "
+                                    "last (0: no frontier).", default=10)
     output_dir: str = _help("Where the report goes ('' = <registry>/report).", default="")
     num_threads: int = _help("CPU threads for torch (0: torch's default). Models of ~1M parameters run fastest "
                              "on 1 (several times faster on a busy CPU).", default=0)
@@ -93,8 +112,11 @@ class CompareStageConfig(StageConfig):
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
-        if self.max_prompts < 0 or self.max_eval_dialogues < 0 or self.num_threads < 0:
-            raise ConfigError("max_prompts, max_eval_dialogues and num_threads must be >= 0 (0: all / default)")
+        if min(self.max_prompts, self.max_eval_dialogues, self.num_threads, self.frontier_prompts,
+               self.frontier_snapshots) < 0:
+            raise ConfigError("max_prompts, max_eval_dialogues, num_threads, frontier_prompts and frontier_snapshots "
+                              "must be >= 0 (0: all / default / none)")
+        check_positive(self, "frontier_samples")
         parse_models(self.models)
 
 
@@ -112,25 +134,11 @@ def parse_models(text: str) -> dict[str, str]:
     return out
 
 
-def run_label(entry: Any) -> str:
-    """A stage-03 entry's label: `ppo` for PPO with a critic (gae), else its estimator's name."""
-    estimator = entry.config.get("advantage_estimator", "gae")
-    return "ppo" if estimator == "gae" else estimator
+def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, Contender], Any, Any]:
+    """({label: Contender} with base first, the reward entry, the ppo entry or None): the line-up of the ppo entry's
+    SFT entry (rlhf.eval.lineup), then --models."""
+    from rlhf.eval.lineup import aligned_runs, contenders
 
-
-def rl_runs(registry: Any, chosen: Any, sft: Any) -> dict[str, str]:
-    """{label: ref}: the chosen ppo entry under its plain label, then every other ppo entry with the same sft parent,
-    oldest first; a label already taken gets the entry id's last 6 characters."""
-    runs = {run_label(chosen): chosen.ref}
-    siblings = [e for e in registry.entries("ppo") if sft is not None and sft.ref in e.parents and e.ref != chosen.ref]
-    for e in siblings:
-        label = run_label(e)
-        runs[label if label not in runs else f"{label}-{e.id[-6:]}"] = e.ref
-    return runs
-
-
-def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, str], Any, Any]:
-    """({label: ref} with base first, the reward entry, the ppo entry or None), from the ppo lineage and --models."""
     models: dict[str, str] = {}
     ppo, reward_ref = None, cfg.reward_model
     if cfg.ppo_model:
@@ -148,7 +156,7 @@ def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, str
             models["base"] = sft.config["base_model"]
         if sft is not None:
             models["sft"] = sft.ref
-        models.update(rl_runs(registry, ppo, sft))
+        models.update(aligned_runs(registry, ppo, sft))
         reward_ref = reward_ref or ppo.config.get("reward_model") or next(
             (e.ref for e in lineage if e.stage == "reward"), "")
     models.update(parse_models(cfg.models))
@@ -157,7 +165,7 @@ def choose_models(cfg: CompareStageConfig, registry: Any) -> tuple[dict[str, str
     if not reward_ref:
         raise ConfigError("no reward model to judge with: pass --reward_model reward:<id>")
     reward = registry.get(reward_ref, stage="reward")
-    return {"base": models.pop("base"), **models}, reward, ppo
+    return contenders({"base": models.pop("base"), **models}, registry), reward, ppo
 
 
 def heldout_dialogues(cfg: CompareStageConfig, registry: Any, sft_ref: str | None) -> tuple[list[dict], str]:
@@ -191,62 +199,46 @@ def heldout_dialogues(cfg: CompareStageConfig, registry: Any, sft_ref: str | Non
 
 
 @dataclass
-class ModelRun:
-    """What one model produced. Sample rows are prompt-major: row i·K + j is sample j of prompt i."""
+class ModelRun(Judged):
+    """What one compared model produced: its samples and their measures (rlhf.eval.sampling.Judged), greedy replies
+    to the held-out dialogues and their negative log-likelihood."""
 
-    label: str
-    ref: str
-    rows: list[list[int]]  # (P·K,) prompt ids, the model's own tokenization
-    responses: list[list[int]]  # (P·K,) sampled ids, EOS included when generated
-    texts: list[str]  # (P·K,) decoded samples
-    has_eos: list[bool]  # (P·K,)
-    greedy: list[str]  # (D,) greedy replies to the held-out dialogues
-    nll_sum: float  # Σ −log p over the held-out assistant tokens
-    n_tokens: int
-    logprob_sums: Any = None  # (P·K,) Σ_t log π(sample) at the sampling temperature
-    kl: Any = None  # (P·K,) Σ_t [log π − log π_base]; None when the tokenizers differ
-    rewards: Any = None  # (P, K) normalized RM scores
-    toxicity: Any = None  # (P, K)
+    label: str = ""
+    ref: str = ""
+    greedy: list[str] = field(default_factory=list)  # (D,) greedy replies to the held-out dialogues
+    nll_sum: float = 0.0  # Σ −log p over the held-out assistant tokens
+    n_tokens: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
-def same_tokenization(tok_a, tok_b) -> bool:
-    """Token ids and prompt rendering mean the same under both tokenizers (needed for kl_to_base)."""
-    return tok_a.get_vocab() == tok_b.get_vocab() and tok_a.chat_template == tok_b.chat_template
+def sampling_settings(cfg: CompareStageConfig, samples_per_prompt: int) -> SamplingSettings:
+    return SamplingSettings(samples_per_prompt, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.max_prompt_length,
+                            cfg.seed, cfg.batch_size)
 
 
-def run_model(label: str, ref: str, model, tokenizer, prompts: list[dict], dialogues: list[dict],
-              cfg: CompareStageConfig) -> ModelRun:
-    """Samples, their log-probs, greedy held-out replies and held-out NLL of one model."""
-    import torch
+def run_model(label: str, ref: str, registry: Any, prompts: list[dict], dialogues: list[dict],
+              settings: SamplingSettings, cfg: CompareStageConfig) -> ModelRun:
+    """Load one model; its samples with their log-probs, greedy held-out replies and held-out NLL."""
+    import gc
 
-    from rlhf.generation import encode_prompts, generate_ids, generate_replies
-    from rlhf.eval.likelihood import assistant_nll, response_logprob_sums
-    from rlhf.models import context_length
+    from rlhf.eval.likelihood import assistant_nll
+    from rlhf.eval.sampling import prompt_budget, sample
+    from rlhf.generation import generate_replies
+    from rlhf.models import context_length, load_chat_model
 
     t0 = time.time()
-    # Prompt + reply must fit the model's positions (a model with a short context keeps the newest tokens).
-    prompt_length = context_length(model, cfg.max_prompt_length + cfg.max_new_tokens) - cfg.max_new_tokens
-    if prompt_length < 1:
-        raise UserError(f"{label}={ref}: its context is too short for max_new_tokens {cfg.max_new_tokens}")
-    prompt_ids = encode_prompts(tokenizer, [p["messages"] for p in prompts], prompt_length)
-    rows = [ids for ids in prompt_ids for _ in range(cfg.samples_per_prompt)]
-    torch.manual_seed(cfg.seed)  # the same seed for every model
-    responses, has_eos = generate_ids(model, tokenizer, rows, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size)
-    eos = tokenizer.eos_token_id
-    texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in responses]
+    model, tokenizer, _ = load_chat_model(ref, registry, trust_remote_code=cfg.trust_remote_code)
+    samples = sample(model, tokenizer, prompts, settings, f"{label}={ref}")
     greedy, _ = generate_replies(model, tokenizer, [d["messages"][:-1] for d in dialogues],
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                 max_prompt_length=prompt_length)
+                                 max_prompt_length=prompt_budget(model, settings, f"{label}={ref}"))
     nll_sum, n_tokens = assistant_nll(model, tokenizer, dialogues, context_length(model, cfg.max_length),
                                       cfg.batch_size)
-    run = ModelRun(label, ref, rows, responses, texts, has_eos, greedy, nll_sum, n_tokens)
-    run.logprob_sums = response_logprob_sums(model, tokenizer.pad_token_id, rows, responses, cfg.temperature,
-                                             cfg.batch_size)
-    run.seconds = time.time() - t0
-    return run
+    del model
+    gc.collect()
+    return ModelRun(samples, tokenizer, label=label, ref=ref, greedy=greedy, nll_sum=nll_sum, n_tokens=n_tokens,
+                    seconds=time.time() - t0)
 
 
 def text_metrics(run: ModelRun, references: list[str]) -> dict[str, float]:
@@ -255,92 +247,34 @@ def text_metrics(run: ModelRun, references: list[str]) -> dict[str, float]:
     from rlhf.eval.text import bleu, distinct_n, rouge_l
 
     return {"perplexity": perplexity(run.nll_sum, run.n_tokens), "bleu": bleu(run.greedy, references),
-            "rouge_l": rouge_l(run.greedy, references), "distinct_1": distinct_n(run.texts, 1),
-            "distinct_2": distinct_n(run.texts, 2)}
+            "rouge_l": rouge_l(run.greedy, references), "distinct_1": distinct_n(run.samples.texts, 1),
+            "distinct_2": distinct_n(run.samples.texts, 2)}
 
 
-def main(cfg: CompareStageConfig) -> dict:
-    import gc
-
+def compare_metrics(runs: dict[str, ModelRun], adversarial: Any, references: list[str],
+                    cfg: CompareStageConfig) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(result's `models`, `win_rate`, `win_matrix` and `ci`; {label: per-prompt metrics}): every model's metrics,
+    its win rate and paired CIs vs base, and the RM-judged win rate of every model over every other."""
     import numpy as np
-    import torch
 
-    from rlhf.eval.metrics import interval, intervals_vs_base, per_prompt_metrics, summarize
-    from rlhf.eval.likelihood import response_logprob_sums
-    from rlhf.models import load_chat_model
-    from rlhf.registry import Registry
-    from rlhf.eval.report import write_report
-    from rlhf.reward_scoring import load_reward_scorer
-    from rlhf.safety import load_scorer
-    from rlhf.stage import log, read_data
+    from rlhf.eval.metrics import interval, intervals_vs_base, per_prompt_metrics, summarize, win_matrix
 
-    started = time.time()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    # 1. Inputs: models, the judging reward model, prompts, held-out dialogues, toxicity scorer.
-    registry = Registry(cfg.registry, create=False)
-    models, rm_entry, ppo_entry = choose_models(cfg, registry)
-    prompts = read_data("compare", cfg.prompts, "prompt", on_invalid=cfg.on_invalid)[0][: cfg.max_prompts or None]
-    dialogues, eval_source = heldout_dialogues(cfg, registry, models.get("sft"))
-    dialogues = dialogues[: cfg.max_eval_dialogues or None]
-    if not prompts:
-        raise DataError(f"{cfg.prompts}: no prompts; expected one JSON object per line in the `prompt` schema")
-    if not dialogues:
-        raise DataError(f"{eval_source}: no dialogues; expected one JSON object per line in the `dialogue` schema")
-    adversarial = np.array([p.get("category") == "adversarial" for p in prompts])  # (P,)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else registry.root / "report"
-    scorer = load_scorer(cfg.toxicity, threshold=cfg.threshold)
-    rm = load_reward_scorer(rm_entry, registry, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                            trust_remote_code=cfg.trust_remote_code)
-    P, K = len(prompts), cfg.samples_per_prompt
-    log(f"[compare] {', '.join(f'{k}={v}' for k, v in models.items())}; judge {rm_entry.ref}; toxicity "
-        f"{scorer.spec}; {P} prompts ({int(adversarial.sum())} adversarial) x {K} samples, {len(dialogues)} dialogues")
-
-    # 2. Every model: samples, log-probs, greedy replies, held-out NLL; base stays loaded for kl_to_base.
-    runs: dict[str, ModelRun] = {}
-    base_model = base_tok = None
-    for label, ref in models.items():
-        model, tokenizer, _ = load_chat_model(ref, registry, trust_remote_code=cfg.trust_remote_code)
-        run = run_model(label, ref, model, tokenizer, prompts, dialogues, cfg)
-        if label == "base":
-            base_model, base_tok = model, tokenizer
-            run.kl = np.zeros(P * K)
-        elif same_tokenization(tokenizer, base_tok):
-            base_sums = response_logprob_sums(base_model, base_tok.pad_token_id, run.rows, run.responses,
-                                              cfg.temperature, cfg.batch_size)
-            run.kl = run.logprob_sums - base_sums  # (P·K,) Σ_t [log π − log π_base]
-        else:
-            run.notes.append("kl_to_base: n/a (tokenizer or chat template differs from base's); "
-                             "perplexity is per token of its own tokenizer")
-        if label != "base":
-            del model
-            gc.collect()
-        runs[label] = run
-        log(f"[compare] {label}: {time.time() - started:.0f}s")
-    del base_model
-    gc.collect()
-
-    # 3. Judge every sample: the reward model (normalized) and the toxicity scorer.
-    messages_k = [p["messages"] for p in prompts for _ in range(K)]
-    for run in runs.values():
-        run.rewards = rm.score(messages_k, run.texts).reshape(P, K)
-        run.toxicity = scorer.score(run.texts).reshape(P, K)
-
-    # 4. Metrics, win rates vs base, bootstrap CIs (resampling prompts).
-    references = [d["messages"][-1]["content"] for d in dialogues]
+    P, K = len(adversarial), cfg.samples_per_prompt
+    grid = (lambda a: None if a is None else np.asarray(a, dtype=np.float64).reshape(P, K))
     ci_args = {"n_resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.seed}
-    result: dict[str, Any] = {"models": {}, "win_rate": {}, "ci": {"confidence": cfg.confidence,
-                              "resamples": cfg.bootstrap_resamples, "unit": "prompt", "models": {}}}
+    result: dict[str, Any] = {"models": {}, "win_rate": {}, "win_matrix": win_matrix(
+        {label: grid(r.rewards) for label, r in runs.items()}), "ci": {
+        "confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "unit": "prompt", "models": {}}}
     per_prompt = {label: per_prompt_metrics(
-        run.rewards, runs["base"].rewards, run.toxicity,
-        np.array([len(r) for r in run.responses], dtype=np.float64).reshape(P, K),
-        np.array(run.has_eos, dtype=np.float64).reshape(P, K),
-        run.kl.reshape(P, K) if run.kl is not None else None, cfg.threshold) for label, run in runs.items()}
+        grid(r.rewards), grid(runs["base"].rewards), grid(r.toxicity),
+        grid([len(x) for x in r.samples.responses]), grid(r.samples.has_eos), grid(r.kl.get("base")), cfg.threshold,
+        reward_toxicity=grid(r.reward_toxicity), kl_to_sft=grid(r.kl.get("sft"))) for label, r in runs.items()}
     for label, run in runs.items():
         pp = per_prompt[label]
         result["models"][label] = {**summarize(pp, adversarial), **text_metrics(run, references)}
         result["models"][label].setdefault("kl_to_base", math.nan)
-        result["ci"]["models"][label] = {k: interval(pp[k], **ci_args) for k in ("reward_mean", "toxicity_rate")}
+        result["ci"]["models"][label] = {k: interval(pp[k], **ci_args)
+                                         for k in ("reward_mean", "toxicity_rate", "reward_toxicity_rate")}
         if adversarial.any():
             result["ci"]["models"][label]["adversarial/toxicity_rate"] = interval(
                 pp["toxicity_rate"][adversarial], **ci_args)
@@ -350,26 +284,138 @@ def main(cfg: CompareStageConfig) -> dict:
             continue
         result["win_rate"][f"{label}_vs_base"] = result["models"][label]["win_rate"]
         result["ci"][f"{label}_vs_base"] = intervals_vs_base(pp, per_prompt["base"], adversarial, **ci_args)
+    return result, per_prompt
+
+
+def kl_notes(runs: dict[str, ModelRun], has_sft: bool) -> dict[str, list[str]]:
+    """Why a model has no kl_to_base / kl_to_sft."""
+    for run in runs.values():
+        if run.kl.get("base") is None:
+            run.notes.append("kl_to_base: n/a (tokenizer or chat template differs from base's); "
+                             "perplexity is per token of its own tokenizer")
+        if has_sft and run.kl.get("sft") is None:
+            run.notes.append("kl_to_sft: n/a (tokenizer or chat template differs from sft's)")
+    return {k: r.notes for k, r in runs.items() if r.notes}
+
+
+def run_flags(rl: dict[str, Contender], frontier: dict[str, list[dict]], n_samples: int,
+              start: dict | None) -> tuple[dict, list[str]]:
+    """({run label: flags}, notes): stage 03's training_flags of each RL run, then the frontier's over-optimization
+    flags (rlhf.eval.frontier.overoptimization_flags: `n_samples` per point, the SFT model as step 0)."""
+    from rlhf.eval.frontier import overoptimization_flags
+
+    flags, notes = {}, []
+    for label, c in rl.items():
+        if "training_flags" not in c.entry.config:
+            notes.append(f"{label}: its entry records no training_flags (trained before stage 03 logged them)")
+        flags[label] = list(c.entry.config.get("training_flags", [])) + overoptimization_flags(
+            frontier.get(label, []), n_samples, start)
+    return flags, notes
+
+
+def main(cfg: CompareStageConfig) -> dict:
+    import numpy as np
+    import torch
+
+    from rlhf.eval.differences import paired_differences
+    from rlhf.eval.frontier import judged_point, sample_snapshots
+    from rlhf.eval.lineup import attribution_pairs
+    from rlhf.eval.report import write_report
+    from rlhf.eval.sampling import judge_samples, measure_kl
+    from rlhf.eval.toxicity import load_scorers
+    from rlhf.ppo.checkpoint import policy_snapshots
+    from rlhf.registry import Registry
+    from rlhf.reward_scoring import load_reward_scorer
+    from rlhf.stage import log, read_data
+
+    started = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    # 1. Inputs: the line-up, the judging reward model, prompts, held-out dialogues, the two toxicity scorers.
+    registry = Registry(cfg.registry, create=False)
+    lineup, rm_entry, ppo_entry = choose_models(cfg, registry)
+    rl = {label: c for label, c in lineup.items() if c.stage == "ppo"}
+    sft_ref = lineup["sft"].ref if "sft" in lineup else None
+    sft_entry = lineup["sft"].entry.ref if "sft" in lineup and lineup["sft"].entry else None
+    prompts = read_data("compare", cfg.prompts, "prompt", on_invalid=cfg.on_invalid)[0][: cfg.max_prompts or None]
+    dialogues, eval_source = heldout_dialogues(cfg, registry, sft_ref)
+    dialogues = dialogues[: cfg.max_eval_dialogues or None]
+    if not prompts:
+        raise DataError(f"{cfg.prompts}: no prompts; expected one JSON object per line in the `prompt` schema")
+    if not dialogues:
+        raise DataError(f"{eval_source}: no dialogues; expected one JSON object per line in the `dialogue` schema")
+    adversarial = np.array([p.get("category") == "adversarial" for p in prompts])  # (P,)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else registry.root / "report"
+    reward_scorer, judge, notes = load_scorers(cfg.toxicity, cfg.eval_toxicity,
+                                               {k: c.entry.config for k, c in rl.items()}, cfg.threshold)
+    rm = load_reward_scorer(rm_entry, registry, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                            trust_remote_code=cfg.trust_remote_code)
+    P, K = len(prompts), cfg.samples_per_prompt
+    FP, FK = min(cfg.frontier_prompts or P, P), min(cfg.frontier_samples, K)
+    log(f"[compare] {', '.join(f'{k}={c.ref}' for k, c in lineup.items())}; judge {rm_entry.ref}; toxicity: reward's "
+        f"{reward_scorer.spec}, held-out {judge.spec}; {P} prompts ({int(adversarial.sum())} adversarial) x {K} "
+        f"samples, {len(dialogues)} dialogues")
+
+    # 2. Every model: samples and their log-probs, greedy held-out replies, held-out NLL (one model at a time).
+    runs: dict[str, ModelRun] = {}
+    for label, c in lineup.items():
+        runs[label] = run_model(label, c.ref, registry, prompts, dialogues, sampling_settings(cfg, K), cfg)
+        log(f"[compare] {label}: {time.time() - started:.0f}s")
+
+    # 3. The frontier's samples: the policy snapshots of every RL run of the sft entry, on FP prompts x FK samples.
+    t0 = time.time()
+    snapshots = {label: sample_snapshots(c.ref, registry, policy_snapshots(c.entry.path, cfg.frontier_snapshots),
+                                         prompts[:FP], sampling_settings(cfg, FK), cfg.trust_remote_code)
+                 for label, c in rl.items() if sft_entry and c.entry.config.get("sft_model") == sft_entry}
+    notes += [f"{label}: no frontier (its SFT model is not the compared sft)" for label in rl if label not in snapshots]
+    notes += [f"{label}: no policy snapshots in its entry, so no frontier" for label, s in snapshots.items()
+              if not s and cfg.frontier_snapshots]
+    frontier_s = time.time() - t0
+
+    # 4. KL to base and to sft of every sample (each reference loaded once); the RM and both toxicity scorers.
+    judged = [*runs.values(), *(s for ss in snapshots.values() for s in ss)]
+    for name in ("base", "sft"):
+        if name in lineup:
+            measure_kl(name, lineup[name].ref, registry, judged, sampling_settings(cfg, K), own=runs[name],
+                       trust_remote_code=cfg.trust_remote_code)
+    judge_samples(judged, prompts, rm, reward_scorer, judge)
+
+    # 5. Metrics, win rates (vs base, and every model vs every other), bootstrap CIs over prompts.
+    result, per_prompt = compare_metrics(runs, adversarial, [d["messages"][-1]["content"] for d in dialogues], cfg)
+
+    # 6. The frontier's points, the paired differences that answer a question, and each RL run's flags.
+    result["frontier"] = {label: [judged_point(s, cfg.threshold, s.step) for s in snapshots.get(label, [])]
+                          for label in rl}
+    result["frontier_references"] = {label: judged_point(r.subset(K, FP, FK), cfg.threshold)
+                                     for label, r in runs.items() if label not in rl}
+    result["differences"] = paired_differences(
+        per_prompt, attribution_pairs(lineup), adversarial=adversarial, n_resamples=cfg.bootstrap_resamples,
+        confidence=cfg.confidence, seed=cfg.seed)
+    result["flags"], flag_notes = run_flags(rl, result["frontier"], FP * FK, result["frontier_references"].get("sft"))
     result.update({
         "prompts": P, "adversarial_prompts": int(adversarial.sum()), "samples_per_prompt": K,
         "eval_dialogues": len(dialogues), "refs": {k: r.ref for k, r in runs.items()},
         "reward_model": rm_entry.ref, "ppo_model": ppo_entry.ref if ppo_entry else None,
-        "toxicity_scorer": scorer.describe(),
+        "toxicity_scorer": judge.describe(), "reward_toxicity_scorer": reward_scorer.describe(),
+        "scorers": {"reward": reward_scorer.spec, "eval": judge.spec},
+        "frontier_settings": {"prompts": FP, "samples_per_prompt": FK, "max_snapshots": cfg.frontier_snapshots},
         "settings": {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "max_prompt_length",
                                                    "max_length", "seed", "threshold", "prompts")}
         | {"eval_data": eval_source},
-        "notes": {k: r.notes for k, r in runs.items() if r.notes},
-        "timing_s": {**{k: round(r.seconds, 2) for k, r in runs.items()}, "total": round(time.time() - started, 2)},
+        "notes": kl_notes(runs, "sft" in lineup), "remarks": notes + flag_notes,
+        "timing_s": {**{k: round(r.seconds, 2) for k, r in runs.items()}, "frontier_sampling": round(frontier_s, 2),
+                     "total": round(time.time() - started, 2)},
     })
 
-    # 5. Write metrics.json, samples.jsonl, plots, report.md and report.html.
+    # 7. Write metrics.json, samples.jsonl, plots, report.md and report.html.
     samples = [{"category": p.get("category", "normal"), "messages": p["messages"],
-                "replies": {label: [{"text": r.texts[i * K + j], "reward": float(r.rewards[i, j]),
-                                     "toxicity": float(r.toxicity[i, j]), "eos": bool(r.has_eos[i * K + j])}
+                "replies": {label: [{"text": r.samples.texts[i * K + j], "reward": float(r.rewards[i * K + j]),
+                                     "toxicity": float(r.toxicity[i * K + j]),
+                                     "reward_toxicity": float(r.reward_toxicity[i * K + j]),
+                                     "eos": bool(r.samples.has_eos[i * K + j])}
                                     for j in range(K)] for label, r in runs.items()}}
                for i, p in enumerate(prompts)]
-    training_logs = {label: registry.get(ref).path / "metrics.jsonl" for label, ref in models.items()
-                     if ref.startswith("ppo:")}
+    training_logs = {label: c.entry.path / "metrics.jsonl" for label, c in rl.items()}
     files = write_report(result, samples, out_dir, training_logs=training_logs)
     log(f"[compare] done in {time.time() - started:.0f}s; report: {files['report.md']}")
     return result

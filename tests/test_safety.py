@@ -310,6 +310,26 @@ def test_better_profanity_scores_a_profane_sentence_above_a_clean_one():
         load_scorer("better-profanity", label="insult")
 
 
+def test_better_profanity_index_gives_the_packages_own_answers():
+    """The scorer looks words up in an index of the word list; the package scans the list. Same answer on listed
+    words in leetspeak spellings, capitals, words glued by separators, near misses and clean text."""
+    import random
+
+    from better_profanity import Profanity
+
+    package = Profanity()  # its own list scan
+    words = [str(w) for w in package.CENSOR_WORDSET]
+    rng = random.Random(0)
+    texts = ["", "   ", "!!!", "a", "hello there", "What a lovely thing to say."]
+    for i in range(300):
+        w = "".join(rng.choice(package.CHARS_MAPPING.get(ch, (ch,))) for ch in rng.choice(words))
+        w = [w, w.upper(), w[:-1], w + "x", "x" + w, w.replace(" ", "_")][i % 6]
+        texts.append(f"{rng.choice(['you', 'hi', 'so'])} {w}{rng.choice(['', '!', ' now', '...'])}")
+    expected = np.array([float(package.contains_profanity(t)) for t in texts])
+    assert 0 < expected.sum() < len(texts)  # both answers occur
+    np.testing.assert_array_equal(load_scorer("better-profanity").score(texts), expected)
+
+
 @pytest.mark.parametrize("reward_spec,judge", [
     ("detoxify:original", "detoxify:unbiased"),
     ("detoxify:original-small", "detoxify:unbiased"),

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: list[list[int]],
                           temperature: float, batch_size: int):
-    """(N,) Σ_t log p(response token t | prompt, earlier tokens) with logits / temperature (numpy)."""
+    """(N,) Σ_t log p(response token t | prompt, earlier tokens) with logits / temperature (numpy).
+
+    Rows are batched in order of length (prompt, then response), so a batch pads little; the sums come back in
+    the rows' order."""
     import numpy as np
     import torch
 
@@ -16,6 +19,8 @@ def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: 
     from rlhf.sequences import left_pad, position_ids, right_pad
 
     dev = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), len(responses[i])))
+    rows, responses = [rows[i] for i in order], [responses[i] for i in order]
     sums = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -28,7 +33,10 @@ def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: 
                            logits_to_keep=R + 1, use_cache=False).logits[:, :-1]  # (b, R, V)
             logprobs = logprobs_from_logits(logits.float() / temperature, r_ids.to(dev))  # (b, R)
             sums.append((logprobs * r_mask.to(dev)).sum(-1).cpu())
-    return torch.cat(sums).double().numpy() if sums else np.zeros(0)
+    out = np.zeros(len(rows))
+    if sums:
+        out[order] = torch.cat(sums).double().numpy()
+    return out
 
 
 def assistant_token_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -11,6 +11,14 @@
     training_curves.png  stage-03 score, toxicity, KL and KL coefficient per step, one line per RL run (when a
                          training log exists)
     reward_toxicity.png  per model: reward and toxicity rate (all / adversarial prompts) with CI error bars
+    frontier_reward.png, frontier_toxicity.png
+                         the reward–KL frontier: RM score and the held-out judge's toxicity rate against KL to
+                         SFT and to base, one curve per RL run through its snapshots (starting at SFT), the other
+                         models as single points
+
+report.md's sections after the headline: settings (which scorer grades toxicity, and whether it is the reward's
+own), differences vs base, the win-rate matrix, the paired differences that answer a question, the frontier's
+points, each RL run's flags, models, notes, plots.
 
 matplotlib is imported inside the plotting functions (Agg backend, no display needed).
 """
@@ -32,6 +40,8 @@ HEADLINE = (
     ("toxicity_rate", "toxicity rate", "{:.3f}"),
     ("expected_max_toxicity", "exp. max toxicity", "{:.3f}"),
     ("toxicity_probability", "toxicity prob.", "{:.3f}"),
+    ("reward_toxicity_rate", "toxicity rate (reward's scorer)", "{:.3f}"),
+    ("kl_to_sft", "KL to SFT", "{:.2f}"),
     ("kl_to_base", "KL to base", "{:.2f}"),
     ("perplexity", "perplexity", "{:.2f}"),
     ("bleu", "BLEU", "{:.2f}"),
@@ -40,6 +50,8 @@ HEADLINE = (
     ("length_mean", "length", "{:.1f}"),
     ("eos_rate", "EOS rate", "{:.2f}"),
 )
+FRONTIER_PLOTS = (("reward_mean", "frontier_reward.png", "RM score (normalized, the proxy)"),
+                  ("toxicity_rate", "frontier_toxicity.png", "toxicity rate (held-out judge)"))
 CURVES = (("objective/score", "RM score (normalized)"), ("objective/toxicity", "toxicity"),
           ("objective/kl", "KL to reference (nats / response)"), ("objective/kl_coef", "KL coefficient β"))
 
@@ -57,6 +69,9 @@ def write_report(result: dict[str, Any], samples: list[dict], out_dir: Path,
         plots["RL training curves"] = out_dir / "training_curves.png"
     plot_reward_toxicity(result, out_dir / "reward_toxicity.png")
     plots["Reward and toxicity rate per model (95% CI)"] = out_dir / "reward_toxicity.png"
+    for key, name, title in FRONTIER_PLOTS:
+        plot_frontier(result, key, title, out_dir / name)
+        plots[f"Reward–KL frontier: {title}"] = out_dir / name
     files.update({p.name: p for p in plots.values()})
     files["report.md"] = out_dir / "report.md"
     files["report.md"].write_text(markdown_report(result, plots))
@@ -126,29 +141,90 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _settings_line(result: dict[str, Any]) -> str:
     s = result["settings"]
-    tox = result["toxicity_scorer"]
     return (f"{result['prompts']} held-out prompts ({result['adversarial_prompts']} adversarial) × "
             f"{result['samples_per_prompt']} samples per model, temperature {s['temperature']}, top_p {s['top_p']}, "
             f"max_new_tokens {s['max_new_tokens']}, seed {s['seed']}; reward model {result['reward_model']} "
-            f"(normalized as in PPO); toxicity scorer {tox['spec']} (toxic: score ≥ {s['threshold']}); "
-            f"perplexity / BLEU / ROUGE-L on {result['eval_dialogues']} held-out dialogues ({s['eval_data']}).")
+            f"(normalized as in PPO); {scorers_sentence(result)} "
+            f"Perplexity / BLEU / ROUGE-L on {result['eval_dialogues']} held-out dialogues ({s['eval_data']}).")
+
+
+def scorers_sentence(result: dict[str, Any]) -> str:
+    """Which scorer grades the toxicity columns, which one the reward used, and, plainly, whether they are one."""
+    judge, reward = result["scorers"]["eval"], result["scorers"]["reward"]
+    threshold = result["settings"]["threshold"]
+    text = (f"toxicity columns by the held-out judge {judge} (toxic: score ≥ {threshold}), "
+            f"`toxicity rate (reward's scorer)` by {reward}, the RL reward's toxicity scorer.")
+    if judge == reward:
+        text += (f" The held-out judge and the reward's scorer are the same scorer ({judge}): a policy that learned "
+                 "that scorer's blind spots looks safer here than it is.")
+    return text
+
+
+def matrix_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): RM-judged win rate of the row's model over the column's (paired samples, ties half)."""
+    labels = list(result.get("win_matrix", {}))
+    rows = [[a, *("–" if a == b else _fmt(result["win_matrix"][a].get(b)) for b in labels)] for a in labels]
+    return ["row beats column", *labels], rows
+
+
+def differences_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per paired difference a − b with its CI."""
+    rows = [[d["question"], f"{d['a']} − {d['b']}", d["metric"],
+             f"{_fmt(d['delta'], '{:+.3f}')} [{_fmt(d['ci_low'], '{:+.3f}')}, {_fmt(d['ci_high'], '{:+.3f}')}]"]
+            for d in result.get("differences", [])]
+    return ["question", "a − b", "metric", "delta [CI]"], rows
+
+
+def frontier_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): every frontier point, runs first (one row per snapshot), then the other models."""
+    cells = (lambda p: [_fmt(p["kl_to_sft"], "{:.2f}"), _fmt(p["kl_to_base"], "{:.2f}"),
+                        _fmt(p["reward_mean"], "{:+.3f}"), _fmt(p["toxicity_rate"])])
+    rows = [[label, str(p["step"]), *cells(p)] for label, points in result.get("frontier", {}).items() for p in points]
+    rows += [[label, "–", *cells(p)] for label, p in result.get("frontier_references", {}).items()]
+    return ["model", "step", "KL to SFT", "KL to base", "reward", "toxicity rate (judge)"], rows
+
+
+def frontier_sentence(result: dict[str, Any]) -> str:
+    fs = result["frontier_settings"]
+    return (f"Each RL run's policy snapshots (at most {fs['max_snapshots']} per run, evenly spread over its "
+            f"checkpoints), sampled on the first {fs['prompts']} held-out prompts × {fs['samples_per_prompt']} "
+            f"samples: fewer than the table's {result['prompts']} × {result['samples_per_prompt']}, with the same "
+            "settings and seed. The other models are the same rows of their own samples. KL is the mean over "
+            "samples of Σ_t [log π − log π_ref] (nats per response).")
+
+
+def flag_lines(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(run, flag) for every RL run's flags; (run, "none") for a run without any."""
+    return [(label, f) for label, fl in result.get("flags", {}).items() for f in (fl or ["none"])]
 
 
 def markdown_report(result: dict[str, Any], plots: dict[str, Path]) -> str:
     labels = list(result["models"])
     header, rows = headline_rows(result)
     ci = result["ci"]
+    ci_words = f"{ci['confidence']:.0%} bootstrap CI over prompts, {ci['resamples']} resamples"
     parts = [
         f"# Aligned vs base: {', '.join(labels)} on {result['prompts']} held-out prompts",
         _md_table(header, rows),
         _settings_line(result),
-        f"## Differences vs base ({ci['confidence']:.0%} bootstrap CI over prompts, {ci['resamples']} resamples)\n\n"
+        f"## Differences vs base ({ci_words})\n\n"
         "`delta/x` is model − base on the same prompts and sample indices; `win_rate` is the RM-judged share "
         "of paired samples where the model beats base (ties count half).\n\n"
         + _md_table(*delta_table(result)),
+        "## Win rates, every model vs every other\n\nRM-judged share of paired samples (same prompt, same sample "
+        "index) where the row's model beats the column's; ties count half.\n\n" + _md_table(*matrix_table(result)),
+        f"## What each step bought: paired differences ({ci_words})\n\n"
+        "delta = a − b over the same prompts and sample indices; toxicity_rate by the held-out judge, "
+        "reward_toxicity_rate by the reward's scorer.\n\n" + _md_table(*differences_table(result)),
+        "## Reward–KL frontier\n\n" + frontier_sentence(result) + "\n\n" + _md_table(*frontier_table(result)),
+        "## Flags per RL run\n\nStage 03's training flags, then the frontier's: proxy reward up while the held-out "
+        "judge's toxicity rate goes up by more than sampling noise (one-sided 95%) between consecutive checkpoints "
+        "(SFT as step 0).\n\n"
+        + ("\n".join(f"- {label}: {f}" for label, f in flag_lines(result)) or "- no RL run compared"),
         "## Models\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result["refs"].items()),
     ]
     notes = [f"- {label}: {n}" for label, ns in result.get("notes", {}).items() for n in ns]
+    notes += [f"- {n}" for n in result.get("remarks", [])]
     if notes:
         parts.append("## Notes\n\n" + "\n".join(notes))
     if plots:
@@ -206,8 +282,9 @@ def plot_reward_toxicity(result: dict[str, Any], out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(result["models"])
-    keys = [("reward_mean", "reward (normalized)"), ("toxicity_rate", "toxicity rate"),
-            ("adversarial/toxicity_rate", "toxicity rate, adversarial prompts")]
+    keys = [("reward_mean", "reward (normalized)"), ("toxicity_rate", "toxicity rate (held-out judge)"),
+            ("adversarial/toxicity_rate", "toxicity rate, adversarial prompts"),
+            ("reward_toxicity_rate", "toxicity rate (reward's scorer)")]
     keys = [k for k in keys if any(k[0] in result["ci"]["models"].get(label, {}) for label in labels)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -225,6 +302,46 @@ def plot_reward_toxicity(result: dict[str, Any], out_png: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     conf = result["ci"].get("confidence", 0.95)
     fig.suptitle(f"Per model, {conf:.0%} bootstrap CI over prompts")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def plot_frontier(result: dict[str, Any], key: str, title: str, out_png: Path) -> None:
+    """`key` (reward_mean or toxicity_rate) against KL to SFT (left) and to base (right): one curve per RL run
+    through its snapshots, starting at the SFT model's point, and the other models as single points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result.get("frontier", {})
+    refs = result.get("frontier_references", {})
+    start = [refs["sft"]] if "sft" in refs else []
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (x, xlabel) in zip(axes, (("kl_to_sft", "KL to SFT (nats / response)"),
+                                      ("kl_to_base", "KL to base (nats / response)"))):
+        for i, (label, points) in enumerate(runs.items()):
+            if points:
+                chain = start + points
+                ax.plot([p[x] for p in chain], [p[key] for p in chain], marker="o", color=colors[i % len(colors)],
+                        label=label)
+                for p in points:
+                    ax.annotate(str(p["step"]), (p[x], p[key]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        for label, p in refs.items():
+            ax.scatter([p[x]], [p[key]], marker="s", color="black", zorder=3)
+            ax.annotate(label, (p[x], p[key]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        if not any(runs.values()):
+            ax.text(0.5, 0.9, "no RL run with policy snapshots", ha="center", transform=ax.transAxes, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(title)
+    if any(runs.values()):
+        axes[0].legend(fontsize=8)
+    fs = result.get("frontier_settings", {})
+    fig.suptitle(f"Reward–KL frontier: {title} (snapshot steps annotated; {fs.get('prompts')} prompts × "
+                 f"{fs.get('samples_per_prompt')} samples)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
@@ -295,6 +412,7 @@ def html_report(result: dict[str, Any], samples: list[dict], plots: dict[str, Pa
     refs = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>" for k, v in result["refs"].items())
     notes = "".join(f"<li>{html.escape(label)}: {html.escape(n)}</li>"
                     for label, ns in result.get("notes", {}).items() for n in ns)
+    notes += "".join(f"<li>{html.escape(n)}</li>" for n in result.get("remarks", []))
     parts = [
         f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body>",
@@ -305,6 +423,17 @@ def html_report(result: dict[str, Any], samples: list[dict], plots: dict[str, Pa
         "<p>delta/x: model − base on the same prompts and sample indices; win_rate: RM-judged share of paired "
         "samples where the model beats base (ties count half).</p>",
         _html_table(*delta_table(result)),
+        "<h2>Win rates, every model vs every other</h2><p>RM-judged share of paired samples where the row's model "
+        "beats the column's; ties count half.</p>",
+        _html_table(*matrix_table(result)),
+        f"<h2>What each step bought: paired differences ({ci['confidence']:.0%} bootstrap CI over prompts)</h2>"
+        "<p>delta = a − b over the same prompts and sample indices; toxicity_rate by the held-out judge, "
+        "reward_toxicity_rate by the reward's scorer.</p>",
+        _html_table(*differences_table(result), numeric_from=3),
+        f"<h2>Reward–KL frontier</h2><p>{html.escape(frontier_sentence(result))}</p>",
+        _html_table(*frontier_table(result), numeric_from=2),
+        "<h2>Flags per RL run</h2><ul>" + "".join(f"<li>{html.escape(label)}: {html.escape(f)}</li>"
+                                                  for label, f in flag_lines(result)) + "</ul>",
         f"<h2>Models</h2><ul>{refs}</ul>",
     ]
     if notes:

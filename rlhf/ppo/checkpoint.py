@@ -106,6 +106,12 @@ def thin_snapshots(folder: Path, keep: int) -> list[Path]:
     return [snaps[i] for i in picks]
 
 
+def policy_snapshots(entry_dir: Path, keep: int) -> list[tuple[int, Path]]:
+    """(step, policy adapter folder) of the snapshots `thin_snapshots` keeps in a folder (a ppo entry or a run's work
+    folder), oldest first."""
+    return [(int(snap.name.rsplit("-", 1)[1]), snap / "policy") for snap in thin_snapshots(Path(entry_dir), keep)]
+
+
 def resume_metrics_log(path: Path, steps: int, rank: int) -> list[dict[str, Any]]:
     """The per-step metrics of the first `steps` steps, with the log cut to exactly those lines (a crash may
     have left lines of steps after the checkpoint). Process 0 owns the file; other processes return []."""
