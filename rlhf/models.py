@@ -329,6 +329,20 @@ def merge_lora(base_path: str, adapter_dir: str | Path, tokenizer: "PreTrainedTo
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
+
+def save_trained_model(model: "PreTrainedModel", staged: Path, *, lora: bool, base_path: str,
+                       tokenizer: "PreTrainedTokenizerBase", trust_remote_code: bool = False) -> "PreTrainedModel":
+    """A trained model into an entry's staging folder as later stages load it: the full model, or (`lora`) the adapter
+    in `adapter/` and the base with it merged (`merge_lora`); the tokenizer beside it (stages 01 SFT and 03 DPO).
+    Returns the model saved (the merged one with `lora`)."""
+    if lora:
+        model.save_pretrained(Path(staged) / "adapter")
+        model = merge_lora(base_path, Path(staged) / "adapter", tokenizer, trust_remote_code)
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    return model
+
+
 def model_positions(path: str, trust_remote_code: bool = False) -> int | None:
     """The number of positions a model's config allows (None when it sets no limit), read without loading weights."""
     from transformers import AutoConfig

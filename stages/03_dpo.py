@@ -115,7 +115,7 @@ def build_trainer(cfg: DPOStageConfig, base_path: str, run: Any, train_pairs: li
 
 def main(cfg: DPOStageConfig) -> None:
     from rlhf.data_formats import explicit_pairs
-    from rlhf.models import merge_lora, resolve_model
+    from rlhf.models import resolve_model, save_trained_model
     from rlhf.registry import Registry
     from rlhf.stage import begin, finish, log, train_eval_data
 
@@ -147,13 +147,8 @@ def main(cfg: DPOStageConfig) -> None:
     # 4. Save: the full model, or the adapter + the merged full-precision model.
     staged = run.registry.staging_dir("dpo")
     tokenizer = trainer.processing_class
-    if cfg.mode == "full":
-        final_model = trainer.model
-    else:
-        trainer.model.save_pretrained(staged / "adapter")
-        final_model = merge_lora(base.path, staged / "adapter", tokenizer, cfg.trust_remote_code)
-    final_model.save_pretrained(staged)
-    tokenizer.save_pretrained(staged)
+    save_trained_model(trainer.model, staged, lora=cfg.mode != "full", base_path=base.path, tokenizer=tokenizer,
+                       trust_remote_code=cfg.trust_remote_code)
     metrics = {**{k: evaluated[k] for k in EVAL_METRICS}, "train_loss": train_out.training_loss,
                "train_pairs": n_train, "eval_pairs": n_eval, "steps": train_out.global_step}
 

@@ -208,18 +208,6 @@ def clipped_surrogate(
     return torch.max(pg_loss1, pg_loss2), stats
 
 
-def policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    cliprange: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped PPO surrogate (`clipped_surrogate`) averaged over real tokens, with its stats."""
-    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, cliprange)
-    return masked_mean(per_token, mask), stats
-
-
 def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: LossType, *, minibatch_tokens: float,
                    minibatch_rows: int, response_length: int) -> Tensor:
     """One micro-batch's share of a minibatch's loss, so that the shares of every micro-batch (and the mean over
