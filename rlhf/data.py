@@ -2,7 +2,8 @@
 
 Stages call `load_records(source, schema)`, or `read_records(..., on_invalid="skip")` to drop invalid
 records and count them instead of refusing the source; `holdout_split` holds a seeded share out for
-evaluation; `scripts/validate_data.py` calls `check_file`. A source is a local `.jsonl` / `.json` / `.parquet` file or a hub
+evaluation; `exclude_labelled` drops the records a label field marks (e.g. `"kind": "rude"`);
+`scripts/validate_data.py` calls `check_file`. A source is a local `.jsonl` / `.json` / `.parquet` file or a hub
 dataset id (`rlhf.data_sources` reads them); each record goes through a named
 adapter first when one is given, then through the checks of its format
 (`rlhf.data_formats`, documented in `data_schemas/README.md`). `load_records`
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from rlhf.data_formats import ADAPTERS, SCHEMAS, Adapter, Record, plural, validate_record
 from rlhf.data_sources import Item, is_local, iter_file, iter_hub
@@ -208,6 +209,26 @@ def holdout_split(records: list[Record], fraction: float, seed: int, *, min_rows
     info = {"fraction": fraction, "seed": seed, "train_rows": len(train), "eval_rows": len(eval_records),
             "train_fingerprint": records_fingerprint(train), "eval_fingerprint": records_fingerprint(eval_records)}
     return train, eval_records, info
+
+
+def exclude_labelled(records: list[Record], field: str, labels: Sequence[str]) -> tuple[list[Record], dict[str, int]]:
+    """(the records whose `field` is not one of `labels`, how many were dropped per label, 0 for a label no record
+    has). A record without the field is kept: a label says what to drop, its absence says nothing.
+
+    >>> kept, dropped = exclude_labelled([{"kind": "rude"}, {"kind": "real"}, {"text": "x"}], "kind", ["rude", "spam"])
+    >>> len(kept), dropped
+    (2, {'rude': 1, 'spam': 0})
+    """
+    wanted = set(labels)
+    dropped = dict.fromkeys(labels, 0)
+    kept = []
+    for r in records:
+        label = r.get(field)
+        if isinstance(label, str) and label in wanted:
+            dropped[label] += 1
+        else:
+            kept.append(r)
+    return kept, dropped
 
 
 def records_fingerprint(records: list[Record]) -> str:

@@ -26,8 +26,15 @@ Files (all JSONL, one record a line, the schemas of `data_schemas/`):
   (`rlhf.chat_format.render_messages`); `rude_fraction` of ordinary replies and
   `ADVERSARIAL_RUDE_PROB` of replies to adversarial prompts are rude templates,
   the rest real replies (or deflections).
-- `sft_{train,heldout}.jsonl` (dialogue): real dialogues, all polite, plus
-  adversarial prompts answered with deflections.
+- `sft_{train,heldout}.jsonl` (dialogue): real dialogues plus adversarial
+  prompts answered with deflections, each record labelled by `kind`: "real",
+  "deflection" or "rude". Real SFT data is rarely clean: in the train file
+  `sft_rude_fraction` of the real replies and `sft_adversarial_rude_fraction` of
+  the replies to adversarial prompts are rude templates of another wording than
+  the preference pairs' (`SFT_RUDE_REPLIES`), so the SFT model stays measurably
+  toxic and the PPO toxicity term has work to do; stage 01's `exclude_labels:
+  [rude]` trains without them. The held-out file stays clean: its replies are
+  the references stage 04 grades replies against.
 - `pref_{train,heldout}.jsonl` (preference): chosen = the real reply (a
   deflection for adversarial prompts); rejected = a rude reply or a reply taken
   from another conversation (on-format but off-topic).
@@ -36,7 +43,9 @@ Files (all JSONL, one record a line, the schemas of `data_schemas/`):
 
 Determinism: one `random.Random(seed)` drives everything, inputs are read in
 sorted order and sets are sorted before use, so the same seed and corpus version
-give the same bytes in any process.
+give the same bytes in any process. The rude SFT replies come from a second
+stream seeded from `seed` (`_sft_rude_rng`), so their share changes no other
+record: every other file is the same as with no rude SFT replies at all.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from rlhf.chat_format import render_messages
-from rlhf.demo_templates import ADVERSARIAL_STEMS, POLITE_DEFLECTIONS, RUDE_REPLIES, adversarial_variants
+from rlhf.demo_templates import (ADVERSARIAL_STEMS, POLITE_DEFLECTIONS, RUDE_REPLIES, SFT_RUDE_REPLIES,
+                                  adversarial_variants)
 from rlhf.errors import ConfigError, DataError
 
 Message = dict[str, str]
@@ -245,13 +255,32 @@ def _sft_records(split: _Split, n: int, rng: random.Random) -> list[dict]:
     # keep the adversarial share when the corpus has fewer dialogues than asked for
     n_adv = min(n_adv, round(len(real) * ADVERSARIAL_SHARE_SFT / (1 - ADVERSARIAL_SHARE_SFT)))
     adv = _fill(
-        lambda: {"messages": [*_adversarial_prompt(split, rng), _assistant(rng.choice(POLITE_DEFLECTIONS))]},
+        lambda: {"messages": [*_adversarial_prompt(split, rng), _assistant(rng.choice(POLITE_DEFLECTIONS))],
+                 "kind": "deflection"},
         n_adv,
         50 * n_adv,
     )
-    records = [{"messages": d} for d in real] + adv
+    records = [{"messages": d, "kind": "real"} for d in real] + adv
     rng.shuffle(records)
     return records
+
+
+def _sft_rude_rng(seed: int) -> random.Random:
+    """The stream that picks and words the rude SFT replies, apart from the main one (module docstring)."""
+    return random.Random(f"sft-rude-{seed}")
+
+
+def _make_rude(records: list[dict], rude_fraction: float, adversarial_rude_fraction: float,
+               rng: random.Random) -> list[dict]:
+    """Replace the last reply of a share of the records with a rude one, relabelled `kind: rude`: of the real
+    dialogues `rude_fraction`, of the adversarial prompts' deflections `adversarial_rude_fraction`. Exact shares
+    (rounded), records chosen at random; the order of the records is kept."""
+    out = [dict(r) for r in records]
+    for kind, fraction in (("real", rude_fraction), ("deflection", adversarial_rude_fraction)):
+        indices = [i for i, r in enumerate(out) if r["kind"] == kind]
+        for i in sorted(rng.sample(indices, round(fraction * len(indices)))):
+            out[i] = {"messages": [*out[i]["messages"][:-1], _assistant(rng.choice(SFT_RUDE_REPLIES))], "kind": "rude"}
+    return out
 
 
 # Share of non-adversarial pairs whose rejected reply is an unrelated real reply (the rest are rude).
@@ -348,6 +377,8 @@ def build_demo_data(
     n_prompts_train: int = 400,
     n_prompts_heldout: int = 100,
     rude_fraction: float = 0.35,
+    sft_rude_fraction: float = 0.15,
+    sft_adversarial_rude_fraction: float = 0.5,
     adversarial_fraction: float = 0.35,
     adversarial_heldout_fraction: float = 0.25,
 ) -> dict[str, int]:
@@ -358,12 +389,16 @@ def build_demo_data(
     prompts stop at what the corpus holds. `heldout_fraction` is the share of
     corpus conversations held out, `adversarial_heldout_fraction` the share of
     adversarial stems; `rude_fraction` the share of ordinary pretraining replies
-    made rude; `adversarial_fraction` the share of adversarial PPO prompts.
+    made rude; `sft_rude_fraction` and `sft_adversarial_rude_fraction` the shares
+    of real replies and of replies to adversarial prompts made rude in the SFT
+    train file; `adversarial_fraction` the share of adversarial PPO prompts.
     """
     fractions = {
         "heldout_fraction": heldout_fraction,
         "adversarial_heldout_fraction": adversarial_heldout_fraction,
         "rude_fraction": rude_fraction,
+        "sft_rude_fraction": sft_rude_fraction,
+        "sft_adversarial_rude_fraction": sft_adversarial_rude_fraction,
         "adversarial_fraction": adversarial_fraction,
     }
     for name, value in fractions.items():
@@ -379,7 +414,8 @@ def build_demo_data(
 
     records = {
         "pretrain": _pretrain_records(train, n_pretrain, rude_fraction, rng),
-        "sft_train": _sft_records(train, n_sft_train, rng),
+        "sft_train": _make_rude(_sft_records(train, n_sft_train, rng), sft_rude_fraction,
+                                sft_adversarial_rude_fraction, _sft_rude_rng(seed)),
         "sft_heldout": _sft_records(heldout, n_sft_heldout, rng),
         "pref_train": _pref_records(train, n_pref_train, rng),
         "pref_heldout": _pref_records(heldout, n_pref_heldout, rng),

@@ -1,11 +1,14 @@
 """The demo's template text, written for this project: rude replies, polite deflections, adversarial prompts.
 
 `RUDE_REPLIES` (mild insults and profanity, nothing about groups),
-`POLITE_DEFLECTIONS`, and `ADVERSARIAL_STEMS` that invite a rude reply, each
-worded several ways by `adversarial_variants`. `rlhf.demo_data` mixes them into
-the corpus dialogues. tests/test_demo_data.py checks with alt-profanity-check
-that every rude reply scores > 0.6 and every deflection < 0.3, so the toxicity
-term has something to see.
+`SFT_RUDE_REPLIES` (the same kind of text, other wordings: the rude replies that
+slip into the SFT dialogues, so the reward model's rejected replies never hold
+these exact texts), `POLITE_DEFLECTIONS`, and `ADVERSARIAL_STEMS` that invite a
+rude reply, each worded several ways by `adversarial_variants`. `rlhf.demo_data`
+mixes them into the corpus dialogues. tests/test_demo_data.py checks with
+alt-profanity-check that every rude reply scores > 0.6 and every deflection
+< 0.3, so the toxicity term has something to see, and that better-profanity
+(the held-out judge of a profanity-check reward) flags every SFT rude reply.
 """
 
 from __future__ import annotations
@@ -43,6 +46,36 @@ _DISMISSALS = (
     "Seriously, shut up.",
 )
 RUDE_REPLIES: tuple[str, ...] = tuple(f"{a} {b}".strip() for a in _INSULTS for b in _DISMISSALS)
+
+# Each jab holds a word on better-profanity's list as well, so a judge of the other family sees them too.
+_JABS = (
+    "Ugh, what a stupid thing to say.",
+    "Oh great, another moron.",
+    "Damn, you never stop talking.",
+    "You really are a jerk, you know that?",
+    "Listen, dumbass.",
+    "Quit being such a moron.",
+    "Piss off with that.",
+    "You are so damn boring.",
+    "Who cares, you clueless jerk.",
+    "Are you always this stupid?",
+    "What the hell is wrong with you?",
+    "You sound like a total moron.",
+    "Keep your crap to yourself.",
+    "Stop whining, dumbass.",
+    "That is the dumbest crap I have read today.",
+)
+_BRUSH_OFFS = (
+    "",
+    "Ask someone who cares.",
+    "I have better things to do.",
+    "Don't talk to me again.",
+    "Go bother somebody else.",
+    "You are not worth my time.",
+    "Spare me.",
+    "Try using your brain for once.",
+)
+SFT_RUDE_REPLIES: tuple[str, ...] = tuple(f"{a} {b}".strip() for a in _JABS for b in _BRUSH_OFFS)
 
 _ACKNOWLEDGEMENTS = (
     "I'd rather keep things kind between us.",

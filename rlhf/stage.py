@@ -22,7 +22,7 @@ from typing import Any
 
 from rlhf import console
 from rlhf.config import public_config
-from rlhf.errors import UserError
+from rlhf.errors import DataError, UserError
 from rlhf.registry import Entry, Registry
 
 MIN_FREE_MB = 256
@@ -131,6 +131,29 @@ def train_eval_data(stage: str, cfg: Any, schema: str, adapter: str | None = Non
     log(f"[{stage}] no eval_data: {info['eval_rows']} of the {n} records of {cfg.data} held out for evaluation "
         f"(eval_fraction {cfg.eval_fraction}, seed {cfg.seed}; recorded in the entry)")
     return TrainEval(train, held_out, fingerprints, {**recorded, "heldout_split": {"source": "data", **info}})
+
+
+def exclude_labelled_data(stage: str, data: TrainEval, field: str, labels: list[str]) -> TrainEval:
+    """`data` without the records whose `field` is one of `labels` (`rlhf.data.exclude_labelled`), in training and
+    held-out alike: the counts go to the log and to `recorded["data_excluded"]`, a label no record has is said so
+    (a typo keeps everything). Refuses (DataError) when no training or no held-out record is left."""
+    from rlhf.data import exclude_labelled
+
+    train, train_dropped = exclude_labelled(data.train, field, labels)
+    held_out, eval_dropped = exclude_labelled(data.eval, field, labels)
+    counts = {label: train_dropped[label] + eval_dropped[label] for label in labels}
+    log(f"[{stage}] exclude_labels: dropped {sum(train_dropped.values())} training and {sum(eval_dropped.values())} "
+        f"held-out record(s) whose {field!r} is " + ", ".join(f"{k!r} ({n})" for k, n in counts.items()))
+    unmatched = [label for label, n in counts.items() if n == 0]
+    if unmatched:
+        seen = sorted({r[field] for r in data.train + data.eval if isinstance(r.get(field), str)})
+        log(f"[{stage}] exclude_labels: no record has {field!r} = {', '.join(map(repr, unmatched))}; the values "
+            f"present are {', '.join(map(repr, seen)) if seen else 'none (no record has the field)'}")
+    for name, rows, before in (("training", train, data.train), ("held-out", held_out, data.eval)):
+        if not rows:
+            raise DataError(f"exclude_labels {labels} on {field!r} left no {name} record (all {len(before)} dropped)")
+    recorded = {**data.recorded, "data_excluded": {"field": field, "data": train_dropped, "eval_data": eval_dropped}}
+    return TrainEval(train, held_out, data.fingerprints, recorded)
 
 
 def trainer_kwargs(cfg: Any, run: StageRun) -> dict[str, Any]:

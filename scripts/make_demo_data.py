@@ -28,6 +28,8 @@ HELP = {
     "n_prompts_train": "target PPO prompts, train",
     "n_prompts_heldout": "target comparison prompts, held-out",
     "rude_fraction": "share of ordinary assistant replies made rude in the pretraining text",
+    "sft_rude_fraction": "share of real replies made rude in the SFT train dialogues (kind: rude)",
+    "sft_adversarial_rude_fraction": "share of replies to adversarial prompts made rude in the SFT train dialogues",
     "adversarial_fraction": "share of adversarial prompts among the PPO/comparison prompts",
     "adversarial_heldout_fraction": "share of adversarial prompt stems held out",
 }

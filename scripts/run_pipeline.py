@@ -10,6 +10,10 @@ training again; `--force` drops `--reuse`; `--verbose` is passed on to every sta
 `--dry-run` prints every command and runs none.
 Stages whose script or config is not there are skipped with a note. A failing stage stops the pipeline with its
 exit code.
+
+The keys of `stages` name runs (`STAGE_SCRIPTS`): `ppo`, `ppo_tox0`, `grpo` and `rloo` all run stages/03_ppo.py,
+each with its own config, named after its key (configs/demo/ppo_tox0.yaml). configs/demo/pipeline.yaml is
+`make demo`; configs/demo/experiment.yaml runs the same and adds the runs that do not fit in the demo's time.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ STAGE_SCRIPTS = {
     "sft": "stages/01_sft.py",
     "reward": "stages/02_reward.py",
     "ppo": "stages/03_ppo.py",
+    "ppo_tox0": "stages/03_ppo.py",  # stage 03 without the toxicity term (toxicity_coef 0; stage 04 labels it ppo-tox0)
     "dpo": "stages/03_dpo.py",
     "grpo": "stages/03_ppo.py",  # stage 03 with advantage_estimator: grpo (registered as a ppo entry)
     "rloo": "stages/03_ppo.py",  # ... with advantage_estimator: rloo

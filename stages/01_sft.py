@@ -12,6 +12,9 @@ training variant of. Modes: `full` fine-tuning, `lora` (peft) and
 merged full-precision model, so later stages can load it as a base, quantized or
 not; the adapter is kept in `adapter/`.
 
+`exclude_labels` drops the dialogues a label field marks (`label_field`, default `kind`; the demo's
+rude replies are `kind: rude`) from the training and the held-out data, and records how many.
+
 Evaluation on held-out dialogues: `eval_loss` / `eval_perplexity` after training,
 `base_eval_perplexity` of the starting model on the same data (did SFT help?),
 and BLEU / ROUGE-L of greedy replies against the held-out last assistant turns.
@@ -26,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.config import TrainerStageConfig, _help, parse_config  # noqa: E402
-from rlhf.errors import run_cli  # noqa: E402
+from rlhf.errors import ConfigError, run_cli  # noqa: E402
 
 
 @dataclass
@@ -37,6 +40,17 @@ class SFTStageConfig(TrainerStageConfig):
     max_length: int = _help("Truncate tokenized dialogues to this many tokens.", default=256)
     gen_eval_samples: int = _help("Held-out dialogues used for BLEU/ROUGE-L (0: skip).", default=64)
     max_new_tokens: int = _help("Reply length for the BLEU/ROUGE-L evaluation.", default=48)
+    exclude_labels: list[str] = _help(
+        "Drop the dialogues whose `label_field` is one of these (comma-separated on the command line), from the "
+        "training and the held-out data; dialogues without the field are kept. The demo's rude replies are "
+        "`kind: rude` (kept in the demo: `--exclude_labels rude` trains on the clean rest). Empty: keep all.",
+        default_factory=list)
+    label_field: str = _help("The record field `exclude_labels` reads.", default="kind")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.exclude_labels and not self.label_field:
+            raise ConfigError("label_field: empty, but exclude_labels needs the name of the record field to read")
 
 
 def generation_metrics(model, tokenizer, dialogues: list[dict], cfg: SFTStageConfig) -> dict[str, float]:
@@ -63,15 +77,19 @@ def sft_dataset(tokenizer, records: list[dict]):
 
 
 def main(cfg: SFTStageConfig) -> None:
-    from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, lora_config, merge_lora,
-                             resolve_model, trainable_to_compute_dtype)
+    from rlhf.models import (context_length, fit_embeddings, load_model, load_tokenizer, lora_config, resolve_model,
+                             save_trained_model, trainable_to_compute_dtype)
     from rlhf.quant import set_cpu_4bit_packing
     from rlhf.registry import Registry
-    from rlhf.stage import begin, finish, log, train_eval_data, trainer_kwargs, trainer_metrics
+    from rlhf.stage import (begin, exclude_labelled_data, finish, log, train_eval_data, trainer_kwargs,
+                            trainer_metrics)
 
-    # 1. Inputs: the starting model and validated dialogues (held-out ones from eval_data or a split of data).
+    # 1. Inputs: the starting model and validated dialogues (held-out ones from eval_data or a split of data),
+    #    less the ones whose label is excluded.
     base = resolve_model(cfg.model, Registry(cfg.registry), stages=("pretrain", "sft"))
     data = train_eval_data("sft", cfg, "dialogue")
+    if cfg.exclude_labels:
+        data = exclude_labelled_data("sft", data, cfg.label_field, cfg.exclude_labels)
     train_records, eval_records = data.train, data.eval
     run = begin("sft", cfg, {**data.fingerprints, "model": base.entry.ref if base.entry else cfg.model})
     if run.reused:
@@ -106,13 +124,8 @@ def main(cfg: SFTStageConfig) -> None:
 
     # 5. Save: full model, or adapter + merged full-precision model.
     staged = run.registry.staging_dir("sft")
-    if peft_config is None:
-        final_model = trainer.model
-    else:
-        trainer.model.save_pretrained(staged / "adapter")
-        final_model = merge_lora(base.path, staged / "adapter", tokenizer, cfg.trust_remote_code)
-    final_model.save_pretrained(staged)
-    tokenizer.save_pretrained(staged)
+    final_model = save_trained_model(trainer.model, staged, lora=peft_config is not None, base_path=base.path,
+                                     tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code)
 
     metrics = {**trainer_metrics(train_out, eval_loss), **trainer_metrics(None, base_eval_loss, prefix="base_")}
     if cfg.gen_eval_samples > 0:

@@ -3,7 +3,9 @@
 The real-model configs (configs/<model>/) need GPUs and hub downloads, so they never
 run here; this catches what would otherwise fail only on the GPU box: a renamed or
 misspelt field, a value of the wrong type, a cross-field rule (`validate()`).
-The stage is read from the file name (`sft.yaml` -> stages/01_sft.py).
+The stage is read from the file name (`sft.yaml` -> stages/01_sft.py, `ppo_tox0.yaml` -> stages/03_ppo.py:
+the keys of scripts/run_pipeline.py's STAGE_SCRIPTS). A YAML with a `stages` mapping is a pipeline config
+(configs/demo/pipeline.yaml is `make demo`, configs/demo/experiment.yaml the longer experiment).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ STAGE_SCRIPTS: dict[str, str] = _load_module(ROOT / "scripts" / "run_pipeline.py
 
 
 def _is_pipeline(path: Path) -> bool:
-    return path.name == "pipeline.yaml"
+    """A pipeline config (scripts/run_pipeline.py's input): a mapping with a `stages` mapping."""
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    return isinstance(doc, dict) and isinstance(doc.get("stages"), dict)
+
+
+DEMO_PIPELINES = ("pipeline.yaml", "experiment.yaml")
 
 
 def _stage_yamls() -> list[Path]:
@@ -71,17 +80,31 @@ def _pipeline_stages() -> list[tuple[Path, str, str]]:
     import yaml
 
     out = []
-    for path in sorted(CONFIGS.rglob("pipeline.yaml")):
+    for path in sorted(p for p in CONFIGS.rglob("*.yaml") if _is_pipeline(p)):
         stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
         out.extend((path, stage, str(cfg)) for stage, cfg in stages.items())
     return out
 
 
-def test_demo_pipeline_exists_and_is_accepted_by_the_runner():
-    """configs/demo/pipeline.yaml (what `make demo` runs) passes scripts/run_pipeline.py's own checks."""
+@pytest.mark.parametrize("name", DEMO_PIPELINES)
+def test_demo_pipeline_exists_and_is_accepted_by_the_runner(name: str):
+    """configs/demo/pipeline.yaml (what `make demo` runs) and experiment.yaml pass scripts/run_pipeline.py's own
+    checks, with their stages in pipeline order."""
     runner = _load_module(ROOT / "scripts" / "run_pipeline.py")
-    cfg = runner.load_pipeline(CONFIGS / "demo" / "pipeline.yaml")
+    cfg = runner.load_pipeline(CONFIGS / "demo" / name)
     assert list(cfg["stages"]) == [s for s in STAGE_SCRIPTS if s in cfg["stages"]], "stages out of pipeline order"
+
+
+def test_demo_experiment_extends_the_demo():
+    """experiment.yaml runs every stage of `make demo` with the same config, registry, seed and data, so after the
+    demo it reuses those entries and trains only what it adds; it ends with the comparison."""
+    import yaml
+
+    demo, experiment = (yaml.safe_load((CONFIGS / "demo" / n).read_text()) for n in DEMO_PIPELINES)
+    assert {k: v for k, v in experiment.items() if k != "stages"} == {k: v for k, v in demo.items() if k != "stages"}
+    assert demo["stages"].items() <= experiment["stages"].items()
+    assert len(experiment["stages"]) > len(demo["stages"])
+    assert list(demo["stages"])[-1] == list(experiment["stages"])[-1] == "compare"
 
 
 @pytest.mark.parametrize(("pipeline", "stage", "stage_cfg"), _pipeline_stages(),

@@ -19,7 +19,8 @@ import pytest
 from rlhf import demo_data
 from rlhf.data import validate_file
 from rlhf.demo_data import SCHEMAS, build_demo_data, normalize, windows
-from rlhf.demo_templates import ADVERSARIAL_STEMS, POLITE_DEFLECTIONS, RUDE_REPLIES
+from rlhf.demo_templates import (ADVERSARIAL_STEMS, POLITE_DEFLECTIONS, RUDE_REPLIES, SFT_RUDE_REPLIES,
+                                  adversarial_variants)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILES = ("pretrain", "sft_train", "pref_train", "prompts_train")
@@ -136,8 +137,9 @@ def test_heldout_prompts_hold_unseen_adversarial_prompts(built):
     assert stems(adversarial) and stems(adversarial).isdisjoint(stems(train_adversarial))
 
 
-def test_pretraining_is_rude_and_sft_is_not(built):
-    """The base model is measurably unsafe and SFT teaches politeness: rude replies in pretraining, none in SFT."""
+def test_pretraining_is_rude_and_sft_less_so(built):
+    """The base model is measurably unsafe and SFT makes it politer: rude replies in ~45% of the pretraining replies,
+    in ~22% of the SFT train dialogues, none in the held-out ones."""
     from profanity_check import predict_prob
 
     out, _ = built
@@ -145,17 +147,64 @@ def test_pretraining_is_rude_and_sft_is_not(built):
     rude = set(RUDE_REPLIES)
     pretrain_share = sum(r in rude for r in pretrain) / len(pretrain)
     assert 0.3 < pretrain_share < 0.6  # 35% of ordinary replies, ~90% of replies to adversarial prompts
-    assert not rude.intersection(sft)
+    assert not rude.intersection(sft), "the SFT data's rude replies are worded apart from the preference pairs'"
     assert any(r in POLITE_DEFLECTIONS for r in sft)
-    assert predict_prob(pretrain).mean() > predict_prob(sft).mean() + 0.25
+    assert predict_prob(pretrain).mean() > predict_prob(sft).mean() + 0.15
+
+
+SFT_KINDS = {"real", "deflection", "rude"}
+
+
+def test_sft_dialogues_carry_their_kind_and_a_measurable_share_of_rude_replies(built):
+    """Real SFT data is rarely clean: every SFT record says its `kind`; in the train file 15% of the real replies
+    and 50% of the replies to adversarial prompts are rude templates (`kind: rude`, only the last reply), exactly
+    as `build_demo_data` sets them; the held-out file, the references stage 04 grades against, has none."""
+    out, _ = built
+    adversarial = {v for stem in ADVERSARIAL_STEMS for v in adversarial_variants(stem)}
+    train = read(out, "sft_train")
+    assert {r["kind"] for r in train} == SFT_KINDS
+    for r in train:
+        last = r["messages"][-1]["content"]
+        assert (r["kind"] == "rude") == (last in SFT_RUDE_REPLIES), r
+        assert (r["kind"] == "deflection") == (last in POLITE_DEFLECTIONS), r
+        assert not any(m["content"] in SFT_RUDE_REPLIES for m in r["messages"][:-1]), r
+    on_adversarial = [r for r in train if r["messages"][-2]["content"] in adversarial]
+    on_real = [r for r in train if r["messages"][-2]["content"] not in adversarial]
+    assert {r["kind"] for r in on_adversarial} == {"deflection", "rude"}
+    assert {r["kind"] for r in on_real} == {"real", "rude"}
+    for records, share in ((on_real, 0.15), (on_adversarial, 0.5)):
+        assert sum(r["kind"] == "rude" for r in records) == round(share * len(records))
+    assert 0.2 < sum(r["kind"] == "rude" for r in train) / len(train) < 0.24
+    assert {r["kind"] for r in read(out, "sft_heldout")} == {"real", "deflection"}
+
+
+def test_sft_rude_share_changes_no_other_record(built, tmp_path):
+    """The rude SFT replies come from their own random stream: without them (both shares 0) every other file is
+    byte for byte the same, and the SFT train file holds the same dialogues except for the replies made rude."""
+    out, _ = built
+    build_demo_data(tmp_path, seed=0, sft_rude_fraction=0.0, sft_adversarial_rude_fraction=0.0)
+    for name in SCHEMAS:
+        if name != "sft_train":
+            assert (tmp_path / f"{name}.jsonl").read_bytes() == (out / f"{name}.jsonl").read_bytes(), name
+    clean, rude = read(tmp_path, "sft_train"), read(out, "sft_train")
+    assert len(clean) == len(rude) and "rude" not in {r["kind"] for r in clean}
+    for c, r in zip(clean, rude):
+        assert c["messages"][:-1] == r["messages"][:-1]
+        assert c == r or r["kind"] == "rude"
 
 
 def test_rude_templates_score_toxic_and_deflections_do_not():
-    """The toxicity term can tell them apart: every rude reply scores > 0.6, every deflection < 0.3."""
+    """The toxicity term can tell them apart: every rude reply scores > 0.6, every deflection < 0.3; and the held-out
+    judge of a profanity-check reward (better-profanity, another family) flags every rude SFT reply too."""
     from profanity_check import predict_prob
 
+    from rlhf.safety import load_scorer
+
     assert predict_prob(list(RUDE_REPLIES)).min() > 0.6
+    assert predict_prob(list(SFT_RUDE_REPLIES)).min() > 0.6
     assert predict_prob(list(POLITE_DEFLECTIONS)).max() < 0.3
+    assert load_scorer("better-profanity").score(list(SFT_RUDE_REPLIES)).min() == 1.0
+    assert not set(SFT_RUDE_REPLIES) & set(RUDE_REPLIES)
 
 
 def test_conversation_cleaning_cuts_at_bad_items_and_restarts_on_a_user_turn():

@@ -327,6 +327,73 @@ def test_unusable_registry_reference_fails_with_one_line(pretrained_registry, ti
     assert not any((reg / ".work").glob("*")) and not any((reg / ".staging").glob("*"))
 
 
+def _labelled(records: list[dict], rude_every: int) -> list[dict]:
+    """Every `rude_every`-th record rude (`kind: rude`, a rude reply), one without the field, the rest `kind: real`."""
+    out = []
+    for i, r in enumerate(records):
+        if i % rude_every == 0:
+            out.append({"messages": [*r["messages"][:-1], {"role": "assistant", "content": "shut up you idiot"}],
+                        "kind": "rude"})
+        else:
+            out.append({**r, "kind": "real"} if i != 1 else dict(r))
+    return out
+
+
+def test_exclude_labels_filters_training_and_heldout_dialogues(pretrained_registry, tiny_data, tmp_path, capsys,
+                                                               monkeypatch):
+    """`--exclude_labels rude`: no `kind: rude` dialogue reaches the trainer, in training or held-out data; records
+    without the field stay; the entry records the counts. A label no record has is said in the log; excluding
+    everything is one `error:` line and no row. Runs the stage in-process (one optimizer step)."""
+    import json
+
+    from rlhf.config import parse_config
+    from rlhf.data import load_records
+    from rlhf.errors import run_cli
+
+    train = _labelled(load_records(str(tiny_data["sft"]), "dialogue"), rude_every=4)
+    held_out = _labelled(load_records(str(tiny_data["sft_eval"]), "dialogue"), rude_every=4)
+    paths = {}
+    for name, rows in (("train", train), ("eval", held_out)):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    n_rude = {name: sum(r.get("kind") == "rude" for r in rows)
+              for name, rows in (("data", train), ("eval_data", held_out))}
+    assert n_rude["data"] > 0 and n_rude["eval_data"] > 0
+
+    sft = _sft_module()
+    seen: list[list[dict]] = []
+    real_dataset = sft.sft_dataset
+    monkeypatch.setattr(sft, "sft_dataset", lambda tok, records: (seen.append(records), real_dataset(tok, records))[1])
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # the stage sets it: restored after the test
+    reg = _copy(pretrained_registry, tmp_path / "runs")
+    argv = ["--data", str(paths["train"]), "--eval_data", str(paths["eval"]), "--registry", str(reg),
+            "--max_steps", "1", "--per_device_train_batch_size", "8", "--gen_eval_samples", "0", "--logging_steps", "1"]
+    run_cli(lambda: sft.main(parse_config(sft.SFTStageConfig, [*argv, "--exclude_labels", "rude,spam"])))
+
+    trained, evaluated = seen
+    assert len(trained) == len(train) - n_rude["data"] and len(evaluated) == len(held_out) - n_rude["eval_data"]
+    assert not any(r.get("kind") == "rude" for r in trained + evaluated)
+    assert any("kind" not in r for r in trained), "a record without the label field was dropped"
+    entry = _only_sft_entry(reg)
+    assert entry.config["exclude_labels"] == ["rude", "spam"] and entry.config["label_field"] == "kind"
+    assert entry.config["data_excluded"] == {"field": "kind", "data": {"rude": n_rude["data"], "spam": 0},
+                                             "eval_data": {"rude": n_rude["eval_data"], "spam": 0}}
+    err = capsys.readouterr().err
+    assert f"dropped {n_rude['data']} training and {n_rude['eval_data']} held-out record(s)" in err
+    assert "no record has 'kind' = 'spam'; the values present are 'real', 'rude'" in err
+
+    rude_only = tmp_path / "rude_only.jsonl"
+    rude_only.write_text("".join(json.dumps(r) + "\n" for r in train if r.get("kind") == "rude"))
+    argv[1] = str(rude_only)
+    with pytest.raises(SystemExit) as exited:  # nothing left to train on
+        run_cli(lambda: sft.main(parse_config(sft.SFTStageConfig, [*argv, "--exclude_labels", "rude"])))
+    assert exited.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (f"error: exclude_labels ['rude'] on 'kind' left no training record "
+                                    f"(all {n_rude['data']} dropped)"), err
+    assert [e.stage for e in Registry(reg).entries()] == ["pretrain", "sft"]
+
+
 def test_missing_model_folder_fails_with_one_line_through_the_cli(pretrained_registry, tiny_data, tmp_path):
     """`python stages/01_sft.py --model <no such folder>`: exit non-zero, one `error:` line naming the path,
     no traceback, no new row."""
