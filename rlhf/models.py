@@ -217,9 +217,14 @@ def load_model(
         kwargs["quantization_config"] = quant
         kwargs.setdefault("device_map", {"": device().index or 0} if device().type == "cuda" else {"": "cpu"})
     try:
-        return cls.from_pretrained(path, dtype=compute_dtype(), trust_remote_code=trust_remote_code, **kwargs)
+        model = cls.from_pretrained(path, dtype=compute_dtype(), trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if quant is not None:
+        from rlhf.quant import own_unquantized_tensors
+
+        own_unquantized_tensors(model)  # release the checkpoint's memory map (CPU)
+    return model
 
 
 def check_vocab(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", where: str) -> None:

@@ -73,6 +73,25 @@ def quantization_config(load_in_4bit: bool) -> Any:
     )
 
 
+def own_unquantized_tensors(model: Any) -> int:
+    """Give the tensors a 4-bit load left in full precision (embeddings, norms, biases, the LM head) memory of
+    their own; return how many were copied. On the CPU they come out of loading as views of the checkpoint's
+    memory-mapped file, which keeps the whole file's pages resident (a GPT-2-small PPO step: ~335 MiB of its
+    peak RSS, docs/BENCHMARKS.md); copied, the mapping is released. The 4-bit weights are already copies."""
+    import bitsandbytes as bnb
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if isinstance(t, bnb.nn.Params4bit) or t.device.type != "cpu":
+                    continue
+                t.data = t.data.clone()
+                n += 1
+    return n
+
+
 def linear_4bit_layers(model: Any) -> list:
     """The bitsandbytes 4-bit linear layers of `model` ([] without bitsandbytes)."""
     try:

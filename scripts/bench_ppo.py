@@ -1,4 +1,5 @@
-"""Benchmark our PPO (stages/03_ppo.py) side by side with TRL 1.12's PPOTrainer, and how our cost grows.
+"""Benchmark our PPO (stages/03_ppo.py) side by side with TRL 1.12's PPOTrainer, and how our cost grows; our
+critic-free estimators side by side with TRL 1.16's GRPOTrainer and RLOOTrainer.
 
     .venv/bin/python scripts/bench_ppo.py --quick --json .bench/quick.json    # the short plan
     .venv/bin/python scripts/bench_ppo.py --json .bench/full.json             # the full run
@@ -29,6 +30,12 @@ the code is the package scripts/bench/):
 4. Scaling of ours (4-bit, random weights so every response runs to full length): episodes/s and
    peak memory vs response_length and vs width; log-log slopes.
 5. Where our time goes: `timing/rollout_s` / `timing/update_s` of the runs, and one run under cProfile.
+6. Critic-free estimators (`--parts critic_free`): ours with `--advantage_estimator grpo` and `rloo` beside
+   TRL 1.16's GRPOTrainer and RLOOTrainer, the TRL this project installs, run by this interpreter through
+   `scripts/bench_trl_critic_free.py` (no extra virtualenv): 4-bit NF4 base + LoRA on both sides, the same prompts,
+   k = 4 responses per prompt, response length, learning rate, optimizer steps and reward (our RM and toxicity
+   scorer handed to TRL as reward functions), β as TRL places it (GRPO: a k3 loss term; RLOO: k1 in the reward);
+   on the tiny model (cost and quality) and the GPT-2-small shape (cost: the `grpo_*` / `rloo_*` ratios of the JSON).
 
 Every child runs with OMP_NUM_THREADS=`--threads` (default 1: OpenMP threads spin against other
 processes on a shared machine; docs/BENCHMARKS.md). Peak RSS is the child's `ru_maxrss` from
@@ -58,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the short plan: fewer episodes, seeds and scaling points")
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--markdown", type=Path, help="also write the tables of docs/BENCHMARKS.md here")
-    p.add_argument("--skip-peer", action="store_true", help="ours only: no TRL virtualenv, no TRL runs")
+    p.add_argument("--skip-peer", action="store_true", help="ours only: no TRL virtualenv, no TRL runs (1.12 or 1.16)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--work", type=Path, default=ROOT / ".bench" / "work", help="setup and run folder")
     p.add_argument("--peer-venv", type=Path, default=ROOT / ".bench" / "trl112", help="TRL 1.12 virtualenv")

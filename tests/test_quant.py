@@ -138,3 +138,28 @@ def test_on_an_untested_peft_the_roles_run_one_forward_each_and_say_why(rlhf_reg
                             lora_target_modules="all-linear", reward_dir=None, separate_reward=None,
                             device=torch.device("cpu"), fuse_roles=True)
     assert not ac.fused and ac.unfused_reason == reason
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_a_4bit_load_keeps_no_tensor_inside_the_checkpoints_memory_map(rlhf_registry):
+    """The tensors a 4-bit load leaves in full precision get memory of their own (rlhf.quant.own_unquantized_tensors):
+    none may point into the checkpoint file's mapping, which would keep the whole file resident."""
+    import bitsandbytes as bnb
+
+    from rlhf.models import load_model
+    from rlhf.registry import Registry
+
+    folder = Registry(rlhf_registry).get("sft:latest").path
+    model = load_model(str(folder), load_in_4bit=True)
+    files = {str(p.resolve()) for p in folder.glob("*.safetensors")}
+    ranges = []
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[5] in files:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((lo, hi))
+    full = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if not isinstance(t, bnb.nn.Params4bit) and t.numel()]
+    assert full, "the model has full-precision tensors (embeddings, norms)"
+    inside = [n for n, t in full if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
+    assert inside == [], f"still views of the checkpoint's memory map: {inside[:3]}"

@@ -4,6 +4,7 @@
     gpt2      memory where the weights dominate: the GPT-2-small-shaped model
     scaling   ours against response length and width
     profile   where our time goes: the timing fields of our (b) runs and cProfile runs
+    critic_free  GRPO and RLOO, ours beside TRL 1.16's GRPOTrainer / RLOOTrainer (bench.critic_free)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict, replace
 from typing import Any, Callable
 
 from . import environment
+from .critic_free import part_critic_free
 from .profiling import profile_shares
 from .runs import Settings, baselines, run_ours, run_trl
 from .setups import build_setup, sft_start_score
@@ -29,11 +31,17 @@ def plan(quick: bool) -> dict[str, Any]:
         return {"episodes": 128, "seeds": {"a": [0], "b": [0, 1, 2], "b_lean": [0]},
                 "gpt2": {"total_episodes": 8, "batch_size": 8, "num_ppo_epochs": 1, "response_length": 16},
                 "gpt2_configs": ["b"], "gpt2_malloc_variant": False, "profile_gpt2": False,
-                "scale_episodes": 48, "lengths": [16, 32, 64, 128], "widths": [64, 128, 256, 512]}
+                "scale_episodes": 48, "lengths": [16, 32, 64, 128], "widths": [64, 128, 256, 512],
+                "critic_free": {"episodes": 96, "seeds": [0], "gpt2_seeds": [0], "profile_gpt2": False,
+                                "gpt2": {"total_episodes": 16, "batch_size": 8, "num_ppo_epochs": 1,
+                                         "response_length": 16}}}
     return {"episodes": 512, "seeds": {"a": [0, 1, 2], "b": list(range(10)), "b_lean": [0, 1, 2]},
             "gpt2": {"total_episodes": 16, "batch_size": 16, "num_ppo_epochs": 2, "response_length": 32},
             "gpt2_configs": ["b", "a"], "gpt2_malloc_variant": True, "profile_gpt2": True,
-            "scale_episodes": 64, "lengths": [16, 32, 64, 128], "widths": [64, 128, 256, 512, 1024]}
+            "scale_episodes": 64, "lengths": [16, 32, 64, 128], "widths": [64, 128, 256, 512, 1024],
+            "critic_free": {"episodes": 512, "seeds": [0, 1, 2], "gpt2_seeds": [0, 1], "profile_gpt2": True,
+                            "gpt2": {"total_episodes": 32, "batch_size": 16, "num_ppo_epochs": 2,
+                                     "response_length": 32}}}
 
 
 # glibc keeps freed heap memory (its mmap threshold grows with the largest freed block, up to 32 MiB), so a
@@ -59,7 +67,9 @@ class Bench:
             "load_before": environment.load(), "machine": environment.machine(), "threads": args.threads,
             "plan": pl, "git_commit": environment.git_commit(), "versions": {"ours": environment.our_versions()},
             "runs": [], "configs": {}}
-        if not args.skip_peer:
+        # The TRL 1.12 virtualenv serves the PPO comparisons only (the critic-free part runs the TRL of this venv).
+        uses_peer = not args.skip_peer and bool(set(args.parts.split(",")) & {"compare", "gpt2"})
+        if uses_peer:
             self.say("peer virtualenv")
             self.report["versions"]["trl_peer"] = environment.ensure_peer(args.peer_venv)
         self.say("setup")
@@ -74,14 +84,15 @@ class Bench:
 
         self.registry = Registry(self.setup.registry)
         self.sft_path = str(self.registry.get(self.setup.sft).path)
-        messages = [r["messages"] for r in load_records(self.setup.prompts, "prompt")]
-        self.prompt_ids = encode_prompts(load_tokenizer(self.sft_path), messages, 128)  # TRL gets our token ids
+        self.prompt_messages = [r["messages"] for r in load_records(self.setup.prompts, "prompt")]
+        self.prompt_ids = encode_prompts(load_tokenizer(self.sft_path), self.prompt_messages, 128)  # TRL gets our ids
         self.say("baselines")
-        self.base = baselines(None if args.skip_peer else self.peer_py, args.threads, args.work)
+        self.base = baselines(self.peer_py if uses_peer else None, args.threads, args.work)
         self.report["baseline"] = self.base
 
-    def start_score(self, s: Settings, four_bit: bool) -> float:
-        """`sft_start_score` for these settings, computed once per setup (cached in the work folder)."""
+    def start_score(self, s: Settings, four_bit: bool, label: str | None = None) -> float:
+        """`sft_start_score` for these settings, computed once per setup (cached in the work folder); recorded in
+        the report's `start_scores` under `label` (default: "4bit" or "full")."""
         cache = self.args.work / "start_scores.json"
         saved = json.loads(cache.read_text()) if cache.exists() else {}
         key = json.dumps({"setup": self.setup.sft, "reward": self.setup.reward_adapter, "four_bit": four_bit,
@@ -94,15 +105,16 @@ class Bench:
             self.say(f"start score of the SFT policy ({'4-bit' if four_bit else 'full precision'})")
             saved[key] = sft_start_score(self.setup, s, four_bit)
             cache.write_text(json.dumps(saved, indent=1))
-        self.report.setdefault("start_scores", {})["4bit" if four_bit else "full"] = saved[key]
+        self.report.setdefault("start_scores", {})[label or ("4bit" if four_bit else "full")] = saved[key]
         return saved[key]["mean"]
 
     def say(self, msg: str) -> None:
         print(f"[bench {time.time() - self.t0:6.0f}s load {os.getloadavg()[0]:.1f}] {msg}", file=sys.stderr, flush=True)
 
-    def add(self, record: dict[str, Any], batch_size: int) -> dict[str, Any]:
-        """Record a run in the report, with its peak above its side's baseline, and log one line of it."""
-        b = self.base.get(record["impl"])
+    def add(self, record: dict[str, Any], batch_size: int, baseline: str | None = None) -> dict[str, Any]:
+        """Record a run in the report, with its peak above its side's baseline (`baseline`: the key of another
+        import-only child than its implementation's), and log one line of it."""
+        b = self.base.get(baseline or record["impl"])
         record["peak_rss_above_baseline_mb"] = record["peak_rss_mb"] - b["peak_rss_mb"] if b else None
         self.report["runs"].append(record)
         s = summarize_run(record, batch_size)
@@ -215,4 +227,4 @@ def part_profile(b: Bench) -> None:
 
 
 PARTS: dict[str, Callable[[Bench], None]] = {"compare": part_compare, "gpt2": part_gpt2, "scaling": part_scaling,
-                                             "profile": part_profile}
+                                             "profile": part_profile, "critic_free": part_critic_free}

@@ -21,6 +21,8 @@ PROFILED = {  # name: (file suffix, function name[, caller function name])
     "update": ("rlhf/ppo/update.py", "ppo_update"),
     "update/policy_value": ("rlhf/ppo/actor_critic.py", "update_forward"),  # one forward for both roles
     "update/policy_value/model": ("rlhf/ppo/actor_critic.py", "_mixed_hidden", "update_forward"),
+    # The policy's forward alone: without a critic (critic-free estimators), or with fuse_roles off.
+    "update/policy_value/model_policy_only": ("rlhf/ppo/actor_critic.py", "_forward", "policy_logits"),
     "update/backward": ("torch/_tensor.py", "backward"),
     "update/optimizer_step": ("torch/optim/adam.py", "step"),  # torch 2.13's AdamW is Adam's step
 }

@@ -39,15 +39,16 @@ def _pm(fig: dict[str, Any], key: str) -> str:
     return _f(fig.get(key)) + (f" ± {se:.3f}" if se is not None else "")
 
 
-def _compare_table(title: str, cmp: dict[str, Any], quality: bool) -> list[str]:
-    """One comparison (`bench.stats.compare`): a row per implementation and the row of ratios."""
+def _compare_table(title: str, cmp: dict[str, Any], quality: bool, peer: str = "TRL 1.12") -> list[str]:
+    """One comparison (`bench.stats.compare`): a row per implementation (TRL's named `peer`) and the row of
+    ratios."""
     head = "| | loop s/episode | steady s/episode | process s/episode | peak RSS MiB | above baseline MiB |"
     qhead = " score (last quarter) | gain over the SFT policy | last − first quarter | KL (last quarter) | runs |"
     out = [f"**{title}**", "", head + (qhead if quality else " runs |"),
            "|---" * (len(COST) + (6 if quality else 2)) + "|"]
     for impl in ("ours", "trl"):
         f = cmp[impl]
-        shown = "TRL 1.12" if impl == "trl" else "ours"
+        shown = peer if impl == "trl" else "ours"
         q = (f" {_pm(f, 'score_last_quarter')} | {_pm(f, 'score_gain')} | {_pm(f, 'score_gain_within_run')} | "
              f"{_f(f['kl_last_quarter'])} |") if quality else ""
         err = f" (failed: {'; '.join(f['errors'])})" if f["errors"] else ""
@@ -89,6 +90,27 @@ def _scaling_tables(sc: dict[str, Any]) -> list[str]:
     return out
 
 
+def _critic_free_tables(cf: dict[str, Any]) -> list[str]:
+    """GRPO and RLOO beside TRL 1.16: the tiny model with quality, the GPT-2-small shape (cost), our profile."""
+    shown = ("total_episodes", "batch_size", "num_generations", "num_mini_batches", "num_ppo_epochs",
+             "response_length", "trl_as_shipped")
+    out = []
+    for model, title, quality in (("tiny", "tiny model", True), ("gpt2_small", "GPT-2-small shape", False)):
+        settings = ", ".join(f"{k}={v}" for k, v in cf["settings"][model].items() if k in shown)
+        out += [f"Critic-free, {title}: {settings}.", ""]
+        for est, cmp in cf.get(model, {}).items():
+            out += _compare_table(f"{est.upper()}, {title} (KL: {cf['kl_figures'][est]})", cmp, quality,
+                                  peer="TRL 1.16")
+    prof = cf.get("cprofile_gpt2_grpo")
+    if prof:
+        out += ["**Where our time goes** (GRPO, GPT-2-small shape, cProfile)", "", "| part | s | share |",
+                "|---|---|---|"]
+        out += [f"| {name} | {_f(prof['seconds'][name])} | {_f(prof['share_of_loop'][name], 2)} |"
+                for name in PROFILED]
+        out.append("")
+    return out
+
+
 def _profile_table(prof: dict[str, Any]) -> list[str]:
     """The timing fields of our (b) runs, and the PROFILED parts of each profiled run."""
     t = prof["timing_fields_b"]
@@ -118,4 +140,6 @@ def markdown(report: dict[str, Any]) -> str:
         out += _scaling_tables(report["scaling"])
     if report.get("profile"):
         out += _profile_table(report["profile"])
+    if report.get("critic_free"):
+        out += _critic_free_tables(report["critic_free"])
     return "\n".join(out)

@@ -3,6 +3,7 @@
 Ours runs `stages/03_ppo.py` with this interpreter and reads the registered entry's metrics.jsonl; TRL runs
 `scripts/bench_trl_peer.py` in the peer's virtualenv and reads the OUT file it writes. Both records hold
 the same per-step series (`step_s`, `score`, `kl`) and totals (`loop_s`, `episodes`), for `bench.stats`.
+`run_stage` and `run_peer` (one child of each side, its record and its raw output) also serve `bench.critic_free`.
 """
 
 from __future__ import annotations
@@ -95,28 +96,36 @@ def ours_steps(rows: list[dict[str, Any]], missing_eos_penalty: float) -> dict[s
     }
 
 
-def run_ours(s: Settings, setup: Setup, *, label: str, sft: str, reward: str, four_bit: bool, seed: int,
-             threads: int, work: Path, profile: Path | None = None,
-             env: dict[str, str] | None = None) -> dict[str, Any]:
-    """One run of stages/03_ppo.py (under cProfile when `profile` names the output file)."""
+def run_stage(args: list[str], setup: Setup, *, label: str, seed: int, threads: int, work: Path,
+              profile: Path | None = None, env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """One run of stages/03_ppo.py with `args` (under cProfile when `profile` names the output file): its record,
+    without the per-step series, and the metrics.jsonl rows of the entry it registered (none when it failed)."""
     from rlhf.registry import Registry
 
     registry = Registry(setup.registry)
     before = {e.ref for e in registry.entries("ppo")}
     prof = ["-m", "cProfile", "-o", str(profile)] if profile else []
-    res = run_child([sys.executable, *prof, "stages/03_ppo.py",
-                     *ours_cmd(s, setup, sft=sft, reward=reward, four_bit=four_bit, seed=seed)],
-                    {**child_env(threads), **(env or {})}, 3600, work / "logs" / f"{label}-ours-s{seed}.log")
+    res = run_child([sys.executable, *prof, "stages/03_ppo.py", *args], {**child_env(threads), **(env or {})}, 3600,
+                    work / "logs" / f"{label}-ours-s{seed}.log")
     record = {"impl": "ours", "label": label, "seed": seed, "ok": res["rc"] == 0, "error": None, **res}
     new = [e for e in registry.entries("ppo") if e.ref not in before]
     if res["rc"] or not new:
         record.update(ok=False, error=last_error_line(res["log_tail"]) if res["rc"] else "no ppo entry registered")
-        return record
+        return record, []
     entry = new[-1]
-    rows = [json.loads(x) for x in (entry.path / "metrics.jsonl").read_text().splitlines()]
-    series = ours_steps(rows, s.missing_eos_penalty)
-    record.update(series, ref=entry.ref, loop_s=sum(series["step_s"]), episodes=rows[-1]["episodes"],
-                  model_memory_mb=entry.metrics.get("model_memory_mb"))
+    record.update(ref=entry.ref, model_memory_mb=entry.metrics.get("model_memory_mb"))
+    return record, [json.loads(x) for x in (entry.path / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_ours(s: Settings, setup: Setup, *, label: str, sft: str, reward: str, four_bit: bool, seed: int,
+             threads: int, work: Path, profile: Path | None = None,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One run of stages/03_ppo.py at these settings (under cProfile when `profile` names the output file)."""
+    record, rows = run_stage(ours_cmd(s, setup, sft=sft, reward=reward, four_bit=four_bit, seed=seed), setup,
+                             label=label, seed=seed, threads=threads, work=work, profile=profile, env=env)
+    if rows:
+        series = ours_steps(rows, s.missing_eos_penalty)
+        record.update(series, loop_s=sum(series["step_s"]), episodes=rows[-1]["episodes"])
     return record
 
 
@@ -147,24 +156,34 @@ def trl_steps(result: dict[str, Any]) -> dict[str, list[float]]:
     }
 
 
+def run_peer(py: Path | str, script: str, spec: dict[str, Any], *, label: str, seed: int, threads: int, work: Path,
+             env: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One run of a TRL peer script (`py script SPEC OUT`): its record (impl "trl"), without the per-step
+    series, and the OUT object it wrote (empty when it failed)."""
+    folder = work / "trl" / f"{label}-s{seed}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(json.dumps(spec))
+    res = run_child([str(py), script, str(folder / "spec.json"), str(folder / "out.json")],
+                    {**child_env(threads), **(env or {})}, 3600, work / "logs" / f"{label}-trl-s{seed}.log")
+    record = {"impl": "trl", "label": label, "seed": seed, "ok": res["rc"] == 0, "error": None, **res}
+    out = json.loads((folder / "out.json").read_text()) if (folder / "out.json").exists() else {}
+    shutil.rmtree(folder / "trl_output", ignore_errors=True)  # TRL's output_dir: nothing the report reads
+    if res["rc"] or not out.get("ok"):
+        record.update(ok=False, error=out.get("error") or last_error_line(res["log_tail"]))
+        return record, {}
+    return record, out
+
+
 def run_trl(s: Settings, peer_py: Path, prompt_ids: list[list[int]], *, label: str, sft_path: str, rm_path: str,
             policy_4bit: bool, value: str, reward_4bit: bool, seed: int, threads: int, work: Path,
             env: dict[str, str] | None = None) -> dict[str, Any]:
     """One run of TRL 1.12's PPOTrainer through scripts/bench_trl_peer.py in the peer's virtualenv."""
     spec = trl_spec(s, prompt_ids, sft_path=sft_path, rm_path=rm_path, policy_4bit=policy_4bit, value=value,
                     reward_4bit=reward_4bit, seed=seed)
-    folder = work / "trl" / f"{label}-s{seed}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    (folder / "spec.json").write_text(json.dumps(spec))
-    res = run_child([str(peer_py), "scripts/bench_trl_peer.py", str(folder / "spec.json"), str(folder / "out.json")],
-                    {**child_env(threads), **(env or {})}, 3600, work / "logs" / f"{label}-trl-s{seed}.log")
-    record = {"impl": "trl", "label": label, "seed": seed, "ok": res["rc"] == 0, "error": None, **res}
-    out = json.loads((folder / "out.json").read_text()) if (folder / "out.json").exists() else {}
-    if res["rc"] or not out.get("ok"):
-        record.update(ok=False, error=out.get("error") or last_error_line(res["log_tail"]))
-        return record
-    record.update(trl_steps(out), loop_s=out["loop_s"], episodes=out["episodes"],
-                  model_memory_mb=out["model_memory_mb"], trainable_params=out["trainable_params"])
-    shutil.rmtree(folder / "trl_output", ignore_errors=True)  # TRL's output_dir: nothing the report reads
+    record, out = run_peer(peer_py, "scripts/bench_trl_peer.py", spec, label=label, seed=seed, threads=threads,
+                           work=work, env=env)
+    if out:
+        record.update(trl_steps(out), loop_s=out["loop_s"], episodes=out["episodes"],
+                      model_memory_mb=out["model_memory_mb"], trainable_params=out["trainable_params"])
     return record

@@ -101,11 +101,16 @@ def compare(runs: list[dict[str, Any]], batch_size: int, start_score: float | No
 
 
 def headline(report: dict[str, Any]) -> dict[str, float | None]:
-    """The ratios of configuration (b) at the top of the JSON: the tiny model, and the GPT-2-small-shaped one
-    where the weights dominate the memory."""
+    """The ratios at the top of the JSON: PPO configuration (b) on the tiny model and on the GPT-2-small-shaped one
+    where the weights dominate the memory, and GRPO / RLOO against TRL 1.16 on the GPT-2-small shape."""
     b = report.get("configs", {}).get("b", {})
     g = report.get("gpt2_small", {}).get("b", {})
-    return {"wall_ratio_ours_over_trl": b.get("ratio_loop_s_per_episode"),
-            "peak_rss_ratio_ours_over_trl": b.get("ratio_peak_rss_mb"),
-            "gpt2_small_wall_ratio_ours_over_trl": g.get("ratio_loop_s_per_episode"),
-            "gpt2_small_peak_rss_ratio_ours_over_trl": g.get("ratio_peak_rss_mb")}
+    cf = report.get("critic_free", {}).get("gpt2_small", {})
+    out = {"wall_ratio_ours_over_trl": b.get("ratio_loop_s_per_episode"),
+           "peak_rss_ratio_ours_over_trl": b.get("ratio_peak_rss_mb"),
+           "gpt2_small_wall_ratio_ours_over_trl": g.get("ratio_loop_s_per_episode"),
+           "gpt2_small_peak_rss_ratio_ours_over_trl": g.get("ratio_peak_rss_mb")}
+    for est in ("grpo", "rloo"):
+        out[f"{est}_wall_ratio_ours_over_trl"] = cf.get(est, {}).get("ratio_loop_s_per_episode")
+        out[f"{est}_peak_rss_ratio_ours_over_trl"] = cf.get(est, {}).get("ratio_peak_rss_mb")
+    return out
