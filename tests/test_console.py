@@ -241,7 +241,7 @@ def test_a_two_process_ppo_run_prints_its_start_up_lines_once(rlhf_registry, tin
     assert codes == [0, 0], "\n".join(f"rank {i} exited {c}:\n{e[-3000:]}" for i, (c, e) in enumerate(zip(codes, errs)))
 
     lines = Counter(line for e in errs for line in e.replace("\r", "\n").splitlines() if line.startswith("[ppo]"))
-    assert any(line.startswith("[ppo] one base (4-bit NF4)") for line in lines), errs[0][-3000:]
+    assert any(line.startswith("[ppo] gae: one base (4-bit NF4)") for line in lines), errs[0][-3000:]
     assert any(line.startswith("[ppo] registered ppo:") for line in lines), errs[0][-3000:]
     assert {line: n for line, n in lines.items() if n != 1} == {}, "printed by both ranks"
     assert "[ppo]" not in errs[1] and "it/s" not in errs[1], f"rank 1 printed start-up lines or progress:\n{errs[1]}"
