@@ -17,7 +17,7 @@ Any tokenizer's template (the demo's, or the one a model brings: Llama 3, Qwen, 
 is read through the functions below, which every stage uses instead of calling `apply_chat_template`:
 
     render / encode       a conversation as text / token ids; a system turn the template refuses
-                          (Gemma 2 raises) is folded into the first user turn (`fit_roles`), as Gemma 3's own
+                          (Gemma 2 raises) is folded into the first user turn (`fold_system`), as Gemma 3's own
                           template does
     end_of_turn_token     the special token the template closes an assistant turn with (Qwen: <|im_end|>,
                           Llama 3: <|eot_id|>), which `rlhf.models.load_tokenizer` makes the EOS
@@ -88,20 +88,19 @@ def _apply(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) ->
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def fit_roles(tokenizer: Any, messages: list[dict]) -> list[dict]:
-    """`messages` as the template takes them: unchanged, or with the system turn folded into the first user turn
-    when the template refuses a system role (Gemma 2's raises). Other refusals are the user's to fix: UserError."""
+def _fitted(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[dict]]:
+    """(text, messages as rendered): the conversation through the template, or, when the template refuses a system
+    role (Gemma 2's raises), with the system turn folded into the first user turn. Other refusals are the user's to
+    fix: UserError. One render when the template takes the conversation as it is."""
     from jinja2 import TemplateError
 
     try:
-        _apply(tokenizer, messages, False)
-        return messages
+        return _apply(tokenizer, messages, add_generation_prompt), messages
     except TemplateError as exc:
         folded = fold_system(messages)
         if folded is not messages:
             try:
-                _apply(tokenizer, folded, False)
-                return folded
+                return _apply(tokenizer, folded, add_generation_prompt), folded
             except TemplateError:
                 pass
         roles = "/".join(m["role"] for m in messages)
@@ -109,8 +108,8 @@ def fit_roles(tokenizer: Any, messages: list[dict]) -> list[dict]:
 
 
 def render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text through the tokenizer's chat template (see `fit_roles`)."""
-    return _apply(tokenizer, fit_roles(tokenizer, messages), add_generation_prompt)
+    """The conversation as text through the tokenizer's chat template (a refused system turn folded, `_fitted`)."""
+    return _fitted(tokenizer, messages, add_generation_prompt)[0]
 
 
 def encode(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -165,9 +164,8 @@ def assistant_mask(tokenizer: Any, messages: list[dict]) -> tuple[list[int], lis
     """
     if not getattr(tokenizer, "is_fast", True):
         raise UserError(f"{type(tokenizer).__name__}: the SFT loss mask needs a fast tokenizer (character offsets)")
-    messages = fit_roles(tokenizer, messages)
+    text, messages = _fitted(tokenizer, messages, False)
     skeleton = _apply(tokenizer, [{**m, "content": _MARK.format(k)} for k, m in enumerate(messages)], False)
-    text = _apply(tokenizer, messages, False)
     parts = _MARK_RE.split(skeleton)  # template piece, mark, template piece, mark, ..., template piece
     shown = [int(p[1:-1]) for p in parts[1::2]]
     for k, m in enumerate(messages):

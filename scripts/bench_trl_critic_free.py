@@ -30,15 +30,14 @@ step, from the start of train(). A failure is recorded with its error text for t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rlhf: the reward functions are our code
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_trl_peer: the child protocol both peers share
 
 CONFIG_FIELDS = ("num_generations", "max_completion_length", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "steps_per_generation", "num_iterations", "max_steps",
@@ -123,24 +122,14 @@ def run(spec: dict, out_dir: str) -> dict:
     train = Dataset.from_dict({"prompt": spec["prompts"], "bench_prompt_ids": spec["prompt_ids"]})
     rendered = tokenizer.apply_chat_template(spec["prompts"], add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"]
-    steps: list[float] = []
-    log_rows: list[dict] = []
-    t_start = [0.0]
+    from bench_trl_peer import step_clock
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            t_start[0] = time.time()
-
-        def on_step_end(self, *a, **k):
-            steps.append(time.time() - t_start[0])
-
-        def on_log(self, args, state, control, logs=None, **k):
-            log_rows.append({key: float(v) for key, v in (logs or {}).items() if isinstance(v, (int, float))})
+    clock, steps, log_rows = step_clock(TrainerCallback)
 
     funcs = reward_funcs(spec)
     trainer = (GRPOTrainer if grpo else RLOOTrainer)(
         model=spec["sft_path"], reward_funcs=funcs, args=args, train_dataset=train, processing_class=tokenizer,
-        quantization_config=quantization, peft_config=peft_config, callbacks=[Clock()])
+        quantization_config=quantization, peft_config=peft_config, callbacks=[clock])
     if not spec["as_shipped"]:
         # TRL casts the trainable weights of a quantized model to bf16 (its QLoRA recipe); ours trains them in fp32.
         # The optimizer is built in train(), so it gets the fp32 tensors.
@@ -158,26 +147,10 @@ def run(spec: dict, out_dir: str) -> dict:
 
 
 def main() -> None:
-    import resource
+    """The same child protocol as TRL 1.12's peer (scripts/bench_trl_peer.py), with this file's functions."""
+    from bench_trl_peer import main as child_main
 
-    if sys.argv[1:] == ["--imports-only"]:
-        import_libraries()
-        return
-    spec_path, out_path = sys.argv[1:3]
-    spec = json.loads(open(spec_path).read())
-    t0 = time.time()
-    try:
-        import_libraries()
-        result = run(spec, os.path.join(os.path.dirname(out_path), "trl_output"))
-    except Exception as exc:  # recorded, not hidden: the parent puts the text in the report
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
-    result["process_s"] = time.time() - t0
-    result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open(out_path, "w") as f:
-        json.dump(result, f)
-    if not result["ok"]:
-        print(result["traceback"], file=sys.stderr)
-        raise SystemExit(1)
+    child_main(import_libraries, run)
 
 
 if __name__ == "__main__":

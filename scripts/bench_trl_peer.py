@@ -57,6 +57,27 @@ def quantization():
                               bnb_4bit_compute_dtype=torch.float32)
 
 
+def step_clock(callback_class: type) -> tuple[object, list[float], list[dict]]:
+    """(callback, step end times, log rows): a transformers `TrainerCallback` (`callback_class`, passed in so this
+    module imports no library at load) recording when each optimizer step ends, in seconds from the start of
+    train(), and every logged number."""
+    steps: list[float] = []
+    log_rows: list[dict] = []
+    t_start = [0.0]
+
+    class Clock(callback_class):
+        def on_train_begin(self, *a, **k):
+            t_start[0] = time.time()
+
+        def on_step_end(self, *a, **k):
+            steps.append(time.time() - t_start[0])
+
+        def on_log(self, args, state, control, logs=None, **k):
+            log_rows.append({key: float(v) for key, v in (logs or {}).items() if isinstance(v, (int, float))})
+
+    return Clock(), steps, log_rows
+
+
 def run(spec: dict, out_dir: str) -> dict:
     import torch
     from datasets import Dataset
@@ -95,22 +116,10 @@ def run(spec: dict, out_dir: str) -> dict:
         dataloader_num_workers=0, **{k: spec[k] for k in PPO_FIELDS},
     )
     train = Dataset.from_dict({"input_ids": spec["prompt_ids"]})
-    steps: list[float] = []
-    log_rows: list[dict] = []
-    t_start = [0.0]
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            t_start[0] = time.time()
-
-        def on_step_end(self, *a, **k):
-            steps.append(time.time() - t_start[0])
-
-        def on_log(self, args, state, control, logs=None, **k):
-            log_rows.append({key: float(v) for key, v in (logs or {}).items() if isinstance(v, (int, float))})
+    clock, steps, log_rows = step_clock(TrainerCallback)
 
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
-                         train_dataset=train, value_model=value, peft_config=peft_config, callbacks=[Clock()])
+                         train_dataset=train, value_model=value, peft_config=peft_config, callbacks=[clock])
     models = [trainer.model, trainer.reward_model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
     memory = sum(p.numel() * p.element_size() for m in models for p in m.parameters()) / 2**20
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -121,7 +130,9 @@ def run(spec: dict, out_dir: str) -> dict:
             "trainable_params": n_trainable, "episodes": trainer.state.episode, "error": None}
 
 
-def main() -> None:
+def main(import_libraries=import_libraries, run=run) -> None:
+    """The child process's protocol, shared with scripts/bench_trl_critic_free.py (which passes its own functions):
+    `--imports-only`, or SPEC.json OUT.json -> `run(spec, out_dir)`'s record with its time and peak RSS."""
     import resource
 
     if sys.argv[1:] == ["--imports-only"]:

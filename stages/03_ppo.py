@@ -389,13 +389,12 @@ def score_responses(cfg: PPOStageConfig, inputs: Inputs, batch: Any, texts: list
         batch.rm_scores = torch.tensor(separate.raw(messages, texts), dtype=torch.float32, device=dev)
     components = {"rm": rm_score(batch.rm_scores, inputs.reward_mean, inputs.reward_std),
                   "toxicity": torch.tensor(inputs.scorer.score(texts), dtype=torch.float32, device=dev)}
-    coefficients = {}
-    for f in inputs.reward_funcs:
-        if f.fn is not None:
-            ids = [row[m.bool()].tolist() for row, m in zip(batch.responses.cpu(), batch.mask.cpu())]
-            columns = {k: [r.get(k) for r in records] for k in records[0] if k != "messages"}
-            components[f.name] = call_reward_func(f, messages, texts, ids, columns).to(dev)
-        coefficients[f.name] = f.weight * (-toxicity_coef if f.name == "toxicity" else 1.0)
+    user = [f for f in inputs.reward_funcs if f.fn is not None]
+    if user:  # what TRL's reward functions get besides prompts and completions
+        ids = [row[m.bool()].tolist() for row, m in zip(batch.responses.cpu(), batch.mask.cpu())]
+        columns = {k: [r.get(k) for r in records] for k in records[0] if k != "messages"}
+        components.update({f.name: call_reward_func(f, messages, texts, ids, columns).to(dev) for f in user})
+    coefficients = {f.name: f.weight * (-toxicity_coef if f.name == "toxicity" else 1.0) for f in inputs.reward_funcs}
     return sequence_rewards(components, coefficients, batch.has_eos, missing_eos_penalty=cfg.missing_eos_penalty,
                             aggregation=cfg.multi_objective_aggregation, group_size=cfg.num_generations,
                             world_size=world)

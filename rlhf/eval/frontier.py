@@ -110,7 +110,7 @@ def overoptimization_flags(points: list[dict[str, Any]], n_samples: int, start: 
         d_toxicity = after["toxicity_rate"] - before["toxicity_rate"]
         pooled = (before["toxicity_rate"] + after["toxicity_rate"]) / 2
         noise = z * math.sqrt(2 * pooled * (1 - pooled) / n_samples)
-        if d_reward > 0 and d_toxicity > 0 and d_toxicity > noise:
+        if d_reward > 0 and d_toxicity > noise:  # noise >= 0
             flags.append(f"proxy reward up while the held-out judge worsens: step {before['step']} → "
                          f"{after['step']}, reward {d_reward:+.3f}, judged toxicity rate {d_toxicity:+.3f} "
                          f"({n_samples} samples each)")

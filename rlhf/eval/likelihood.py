@@ -39,23 +39,16 @@ def response_logprob_sums(model, pad_id: int, rows: list[list[int]], responses: 
     return out
 
 
-def assistant_token_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(ids, mask) of a dialogue; mask 1 on the assistant replies and the EOS closing each, under any chat
-    template (`rlhf.chat_format.assistant_mask`, the mask stage 01 trains with)."""
-    from rlhf.chat_format import assistant_mask
-
-    return assistant_mask(tokenizer, messages)
-
-
 def assistant_nll(model, tokenizer, dialogues: list[dict], max_length: int, batch_size: int) -> tuple[float, int]:
     """(Σ −log p, number of tokens) over the assistant tokens of the dialogues (first max_length tokens each)."""
     import torch
 
+    from rlhf.chat_format import assistant_mask
     from rlhf.ppo.losses import logprobs_from_logits
     from rlhf.sequences import right_pad
 
     dev = next(model.parameters()).device
-    encoded = [assistant_token_mask(tokenizer, d["messages"]) for d in dialogues]
+    encoded = [assistant_mask(tokenizer, d["messages"]) for d in dialogues]
     nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):

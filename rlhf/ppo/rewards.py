@@ -152,13 +152,11 @@ def standardize(x: Tensor, group_size: int, world_size: int, eps: float = 1e-4) 
         var = (((g - mean) * gv) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)
         out = ((g - mean) / (var.sqrt() + eps)).flatten()
     else:
-        from rlhf.ppo.distributed import all_reduce_mean
+        from rlhf.ppo.distributed import global_mean_var
 
-        sums = torch.stack([x0.sum(), (x0 * x0).sum(), v.sum()])
-        all_reduce_mean([sums], world_size)
-        n = sums[2] * world_size
-        mean = sums[0] / sums[2].clamp(min=1e-12)
-        var = (sums[1] / sums[2].clamp(min=1e-12) - mean ** 2) * n / (n - 1).clamp(min=1)
+        if world_size == 1 and int(valid.sum()) < 2:  # no spread to measure: every valid value is its own mean
+            return torch.where(valid, torch.zeros_like(x), x)
+        mean, var = global_mean_var(x0, valid, world_size)
         out = (x0 - mean) / (var.clamp(min=0).sqrt() + eps)
     return torch.where(valid, out, x)
 
